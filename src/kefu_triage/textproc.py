@@ -1,0 +1,70 @@
+"""How a customer turn (and its previous turns) becomes the model's text input.
+
+Shared by training (torch side) and the ONNX runtime (torch-free): both must build exactly the same
+strings, so this module depends on nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+from typing import Any
+
+# Longer inputs are cut before tokenisation: the model sees at most max_length tokens anyway, and a
+# 100k-character message must not cost 100k characters of tokeniser work.
+MAX_MESSAGE_CHARS = 512
+MAX_TURN_CHARS = 128
+ROLE_PREFIX = {"customer": "顾客：", "agent": "客服："}
+TURN_SEPARATOR = " "
+
+
+class InputError(ValueError):
+    """A message or context that cannot be turned into model input."""
+
+
+def clean_text(text: str, max_chars: int = MAX_MESSAGE_CHARS) -> str:
+    """Drop control characters (keep ordinary whitespace as a space), collapse runs of space, cut length."""
+    if len(text) > max_chars * 4:
+        text = text[: max_chars * 4]
+    out = []
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if ch in "\t\n\r\u3000" or cat == "Zs":
+            out.append(" ")
+        elif cat in ("Cc", "Cf", "Cs", "Co", "Cn") and ch != "\u200d":
+            continue  # zero-width joiner is kept: emoji sequences use it
+        else:
+            out.append(ch)
+    return " ".join("".join(out).split())[:max_chars]
+
+
+def format_context(context: Sequence[Any] | None, context_turns: int) -> str | None:
+    """The last ``context_turns`` previous turns (oldest first) as one segment, or None."""
+    if not context or context_turns <= 0:
+        return None
+    if not isinstance(context, (list, tuple)):
+        raise InputError(f"context must be a list of {{'role', 'text'}} turns, got {type(context).__name__}")
+    parts = []
+    for i, turn in enumerate(list(context)[-context_turns:]):
+        if not isinstance(turn, dict):
+            raise InputError(f"context turn {i} must be a dict with 'role' and 'text', got {type(turn).__name__}")
+        role, text = turn.get("role"), turn.get("text")
+        if role not in ROLE_PREFIX:
+            raise InputError(f"context turn {i}: role must be 'customer' or 'agent', got {role!r}")
+        if not isinstance(text, str):
+            raise InputError(f"context turn {i}: text must be a string, got {type(text).__name__}")
+        text = clean_text(text, MAX_TURN_CHARS)
+        if text:
+            parts.append(ROLE_PREFIX[role] + text)
+    return TURN_SEPARATOR.join(parts) or None
+
+
+def build_input(text: Any, context: Sequence[Any] | None = None, context_turns: int = 0) -> tuple[str, str | None]:
+    """(first segment = the current message, second segment = previous turns or None).
+
+    Raises InputError (a ValueError) for a non-string message; an empty or whitespace message is
+    allowed and becomes "" (the model then sees only special tokens and answers with low confidence).
+    """
+    if not isinstance(text, str):
+        raise InputError(f"text must be a string, got {type(text).__name__}")
+    return clean_text(text), format_context(context, context_turns)
