@@ -72,6 +72,16 @@ class KefuTriageConfig(PretrainedConfig):
     def num_intents(self) -> int:
         return len(self.intent_labels)
 
+    def get_taxonomy(self):
+        """The label contract the model was trained on, in class-id order."""
+        from kefu_triage.taxonomy import Taxonomy
+
+        stored = Taxonomy.from_dict(self.taxonomy, source="config.json") if self.taxonomy else None
+        info = {i.name: {"zh": i.zh, "examples": list(i.examples)} for i in (stored.intents if stored else ())}
+        intents = {n: {"route": r, **info.get(n, {})} for n, r in zip(self.intent_labels, self.intent_routes, strict=True)}
+        return Taxonomy.from_dict({"version": stored.version if stored else 1, "intents": intents,
+                                   "heads": stored.heads if stored else {}}, source="config.json")
+
     def encoder_config(self) -> PretrainedConfig:
         enc = dict(self.encoder)
         model_type = enc.pop("model_type", "bert")

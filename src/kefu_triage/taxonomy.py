@@ -77,9 +77,11 @@ class Taxonomy:
 
     # ---- (de)serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form. Intents are a list: their order defines the model's class ids, and JSON writers
+        that sort keys (transformers' config.json does) must not reorder them."""
         return {
             "version": self.version,
-            "intents": {i.name: {"route": i.route, "zh": i.zh, "examples": list(i.examples)} for i in self.intents},
+            "intents": [{"name": i.name, "route": i.route, "zh": i.zh, "examples": list(i.examples)} for i in self.intents],
             "heads": self.heads,
         }
 
@@ -88,6 +90,8 @@ class Taxonomy:
         if not isinstance(data, dict):
             raise TaxonomyError(f"{source}: a taxonomy must be a mapping with an 'intents' key, got {type(data).__name__}")
         raw = data.get("intents")
+        if isinstance(raw, list) and all(isinstance(x, dict) and "name" in x for x in raw):  # to_dict() form
+            raw = {x["name"]: {k: v for k, v in x.items() if k != "name"} for x in raw}
         if not isinstance(raw, dict) or not raw:
             raise TaxonomyError(f"{source}: 'intents' must be a non-empty mapping of intent name -> {{route: ...}}")
         intents = []
