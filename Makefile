@@ -51,7 +51,7 @@ export: $(STAMP)  ## export MODEL_DIR to the ONNX artifact in ARTIFACT_DIR (pari
 	$(PY) -m kefu_triage.export model_dir=$(MODEL_DIR) output_dir=$(ARTIFACT_DIR) $(ARGS)
 
 bench: $(STAMP)  ## CPU latency/throughput/memory: PyTorch vs ONNX fp32 vs ONNX int8
-	$(PY) -m kefu_triage.bench model_dir=$(MODEL_DIR) artifact_dir=$(ARTIFACT_DIR) $(ARGS)
+	$(PY) -m kefu_triage.bench model_dir=$(MODEL_DIR) artifact_dir=$(ARTIFACT_DIR) output_dir=$(REPORT_DIR) $(ARGS)
 
 bench-train: $(STAMP)  ## training throughput and peak memory per encoder
 	$(PY) -m kefu_triage.bench_train $(ARGS)
