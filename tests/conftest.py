@@ -50,3 +50,49 @@ def e5_small_zh_dir(e5_small_zh_build):
 
 
 # ------------------------------------------------------------------------------------- END encoders
+
+
+# ------------------------------------------------------------------------------------- BEGIN pipeline
+# One smoke pipeline per test session (tiny encoder, ~900 generated rows): data -> train -> eval -> export.
+# Tests that need a trained model, a report or an artifact share it instead of training their own.
+from pathlib import Path  # noqa: E402
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+SMOKE_OVERRIDES = ["experiment=smoke", "trainer.progress_bar=false"]
+
+
+def compose(config_name: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def run_smoke_pipeline(root: Path, extra: tuple[str, ...] = ()) -> dict:
+    """data + train + eval + export of the smoke experiment under ``root``; returns the paths."""
+    from kefu_triage.evaluate import evaluate
+    from kefu_triage.export import export
+    from kefu_triage.training import ensure_data, train
+
+    paths = [f"paths.root_dir={root}", f"paths.cache_dir={root / 'cache'}"]
+    cfg = compose("train", SMOKE_OVERRIDES + paths + list(extra))
+    ensure_data(cfg)
+    summary = train(cfg, root / "run")
+    model_dir = root / "models" / "smoke"
+    data = [f"data.dir={root / 'data' / 'smoke'}"]
+    eval_cfg = compose("eval", paths + data + [f"model_dir={model_dir}", f"output_dir={root / 'reports'}",
+                                               "tuning.grid=11", "sanity.enabled=false"])
+    metrics = evaluate(eval_cfg)
+    export_cfg = compose("export", paths + data + [f"model_dir={model_dir}", f"output_dir={root / 'artifact'}"])
+    export(export_cfg)
+    return {"root": root, "model_dir": model_dir, "reports": root / "reports", "artifact": root / "artifact",
+            "data_dir": root / "data" / "smoke", "summary": summary, "metrics": metrics, "run_dir": root / "run"}
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory) -> dict:
+    return run_smoke_pipeline(tmp_path_factory.mktemp("smoke"))
+
+
+# --------------------------------------------------------------------------------------- END pipeline

@@ -72,8 +72,13 @@ def _iter_table(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             line = path.read_bytes()[: exc.start].count(b"\n") + 1
             yield line, None, "not valid UTF-8; save the file as UTF-8"
             return
-        # keep every column a string: "0"/"1"/"" are parsed by the validator, not guessed by pandas
-        ds = datasets.Dataset.from_csv(str(path), keep_default_na=False, dtype=str)
+        import csv
+
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            header = next(csv.reader(fh), [])
+        # every column a string: "0"/"1"/"" are parsed by the validator, not guessed by the CSV reader
+        features = datasets.Features({name: datasets.Value("string") for name in header})
+        ds = datasets.Dataset.from_csv(str(path), features=features, encoding="utf-8-sig")
     else:
         try:
             ds = datasets.Dataset.from_parquet(str(path))

@@ -103,20 +103,29 @@ def assess(name: str, dev_logits: dict[str, np.ndarray], test_logits: dict[str, 
             "operating_point": op, "constraints_met": bool(tuned["constraints_met"])}
 
 
+ERROR_SEVERITY = ("bot_took_human_message", "bot_wrong_intent", "missed_urgent_head", "wrong_intent",
+                  "needless_escalation")
+
+
 def worst_errors(result: dict[str, Any], records: list[dict[str, Any]], gold: Gold, taxonomy: Taxonomy,
                  limit: int = 100) -> list[dict[str, Any]]:
-    """Most confident mistakes first: bot-routed messages that needed a human or got a wrong intent, and
-    urgent messages the policy left with the bot."""
+    """Mistakes, most harmful kind first and most confident first within a kind: the bot took a message that
+    needed a person; the bot took a message with the wrong intent; the urgent head missed an urgent message;
+    a wrong intent that a person will correct; a message the bot could have handled that went to a person."""
     p, d = result["probs"], result["decisions"]
     names = taxonomy.intent_names
     bot = ~d.to_human
+    wrong = d.intent_id != gold.intent
+    kinds = np.full(len(gold), "", dtype=object)
+    for mask, kind in reversed(list(zip(
+            (bot & gold.should_reach_human, bot & wrong, (gold.urgent == 1) & (p["urgent"] < result["thresholds"].urgent),
+             wrong, ~bot & ~gold.should_reach_human & (gold.intent_routes[gold.intent] != "human")), ERROR_SEVERITY, strict=True))):
+        kinds[mask] = kind
     rows = []
-    for i in np.flatnonzero(bot & (gold.should_reach_human | (d.intent_id != gold.intent))):
-        kind = ("missed_urgent" if gold.urgent[i] else "missed_recoverable" if gold.refund[i] == 1 else
-                "human_intent_to_bot" if gold.intent_routes[gold.intent[i]] == "human" else "wrong_intent")
+    for i in np.flatnonzero(kinds != ""):
         top = np.argsort(-p["intent"][i])[:3]
         rows.append({
-            "error": kind, "confidence": float(p["intent"][i].max()), "text": records[i]["text"],
+            "error": kinds[i], "confidence": round(float(p["intent"][i].max()), 4), "text": records[i]["text"],
             "context": records[i].get("context") or [],
             "gold": {"intent": names[gold.intent[i]], "urgent": int(gold.urgent[i]),
                      "refund_recoverable": None if gold.refund[i] < 0 else int(gold.refund[i])},
@@ -125,7 +134,7 @@ def worst_errors(result: dict[str, Any], records: list[dict[str, Any]], gold: Go
                      "refund_recoverable_prob": round(float(p["refund_recoverable"][i]), 4),
                      "route": str(d.route[i]), "reason": str(d.reason[i])},
         })
-    rows.sort(key=lambda r: -r["confidence"])
+    rows.sort(key=lambda r: (ERROR_SEVERITY.index(r["error"]), -r["confidence"]))
     return rows[:limit]
 
 

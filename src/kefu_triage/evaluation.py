@@ -156,19 +156,37 @@ def tune_thresholds(probs: dict[str, np.ndarray], gold: Gold, intent_routes: lis
         return np.clip(vals, 0.0, 1.0)
 
     refund_rows = probs["refund_recoverable"][gold.refund >= 0]
+    intent_p = probs["intent"]
+    top2 = -np.sort(-intent_p, axis=1)[:, :2] if intent_p.shape[1] > 1 else np.hstack([intent_p, np.zeros_like(intent_p)])
+    top1, margin_ok = top2[:, 0], (top2[:, 0] - top2[:, 1]) >= margin
+    pred = intent_p.argmax(axis=1)
+    pred_route = np.asarray(intent_routes, dtype=object)[pred]
+    error = gold.should_reach_human | (pred != gold.intent)  # wrong if the bot takes it
+    urgent, recoverable = gold.urgent == 1, gold.recoverable
+    conf_grid = candidates(top1)
     best, best_key = None, None
-    for tu, tr, tc in itertools.product(candidates(probs["urgent"]), candidates(refund_rows),
-                                        candidates(probs["intent"].max(axis=1))):
-        th = Thresholds(urgent=float(tu), recoverable=float(tr), confidence=float(tc), margin=margin)
-        d = decide(probs, intent_routes, th)
-        m = triage_metrics(d.to_human, d.intent_id, gold)
-        urgent_recall = 1.0 if np.isnan(m["urgent_recall"]) else m["urgent_recall"]
-        capture = 1.0 if np.isnan(m["recoverable_capture"]) else m["recoverable_capture"]
-        shortfall = {"risk": max(0.0, m["risk"] - max_risk), "urgent_recall": max(0.0, min_urgent - urgent_recall),
-                     "recoverable_capture": max(0.0, min_capture - capture)}
-        key = (round(sum(shortfall.values()), 6), -m["coverage"])
+    # For fixed urgent/recoverable thresholds, a message goes to the bot iff no rule forces it to a human and
+    # its top intent probability clears τ_conf: sweep all τ_conf at once as a [C, N] matrix.
+    for tu, tr in itertools.product(candidates(probs["urgent"]), candidates(refund_rows)):
+        forced = (probs["urgent"] >= tu) | (pred_route == "human") | (
+            (pred_route == "refund_triage") & (np.nan_to_num(probs["refund_recoverable"]) >= tr))
+        bot = (~forced & margin_ok)[None, :] & (top1[None, :] >= conf_grid[:, None])
+        n_bot = bot.sum(1)
+        coverage = n_bot / max(len(gold), 1)
+        risk = np.where(n_bot > 0, (bot & error).sum(1) / np.maximum(n_bot, 1), 0.0)
+        urgent_recall = 1 - (bot & urgent).sum(1) / urgent.sum() if urgent.any() else np.ones(len(conf_grid))
+        capture = 1 - (bot & recoverable).sum(1) / recoverable.sum() if recoverable.any() else np.ones(len(conf_grid))
+        shortfall = (np.maximum(0, risk - max_risk) + np.maximum(0, min_urgent - urgent_recall)
+                     + np.maximum(0, min_capture - capture)).round(6)
+        i = int(np.lexsort((-coverage, shortfall))[0])
+        key = (float(shortfall[i]), -float(coverage[i]))
         if best_key is None or key < best_key:
-            best_key, best = key, {"thresholds": th, "dev_metrics": m, "shortfall": shortfall}
+            th = Thresholds(urgent=float(tu), recoverable=float(tr), confidence=float(conf_grid[i]), margin=margin)
+            d = decide(probs, intent_routes, th)
+            best_key, best = key, {"thresholds": th, "dev_metrics": triage_metrics(d.to_human, d.intent_id, gold),
+                                   "shortfall": {"risk": max(0.0, float(risk[i]) - max_risk),
+                                                 "urgent_recall": max(0.0, min_urgent - float(urgent_recall[i])),
+                                                 "recoverable_capture": max(0.0, min_capture - float(capture[i]))}}
     assert best is not None
     best["constraints_met"] = best_key[0] == 0
     return best
