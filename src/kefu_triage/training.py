@@ -9,6 +9,7 @@ continues from it to the same result as an uninterrupted run.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ from kefu_triage.taxonomy import Taxonomy, taxonomy_from_config
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoint"
+RNG_FILE = "rng_state.pt"
 STATE_FILE = "trainer_state.json"
 
 
@@ -65,14 +67,16 @@ def tokenize_split(records: list[dict[str, Any]], taxonomy: Taxonomy, tokenizer,
 class LengthGroupedSampler(Sampler[list[int]]):
     """Batches of similar length: shuffle, cut into mega-batches, sort each by length, shuffle the batches.
 
-    Deterministic for a (seed, epoch) pair, which resume relies on.
+    Deterministic for a (seed, epoch) pair, which resume relies on. The epoch is set with ``use_epoch``, not
+    ``set_epoch``: accelerate calls ``set_epoch`` with its own iteration counter, which restarts at 0 for the
+    loader a resumed run builds.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, mega_batch_mult: int = 50):
         self.lengths, self.batch_size, self.seed, self.mult = lengths, batch_size, seed, mega_batch_mult
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def batches(self) -> list[list[int]]:
@@ -194,6 +198,16 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+
+
 def _seed_everything(seed: int) -> None:
     from accelerate.utils import set_seed
 
@@ -251,6 +265,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     # accelerate saves and restores these with the checkpoint (model, optimizer, scheduler, RNGs)
 
+    resume_rng = None
     state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "best_score": -1.0, "best_epoch": -1,
              "bad_epochs": 0, "history": []}
     ckpt_dir = run_dir / CHECKPOINT_DIR
@@ -261,6 +276,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         else:
             accelerator.load_state(str(resume_from / "accelerate"))
             state = json.loads((resume_from / STATE_FILE).read_text())
+            resume_rng = torch.load(resume_from / RNG_FILE, weights_only=False)
             if resume_from.parent != run_dir and (resume_from.parent / "best").is_dir():
                 shutil.copytree(resume_from.parent / "best", run_dir / "best", dirs_exist_ok=True)
             print(f"resumed from {resume_from} at epoch {state['epoch']} batch {state['batch_in_epoch']}")
@@ -270,6 +286,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         if is_main:
             with atomic_directory(ckpt_dir) as tmp:
                 accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True)
+                torch.save(_rng_state(), tmp / RNG_FILE)
                 atomic_write_json(tmp / STATE_FILE, state)
         accelerator.wait_for_everyone()
 
@@ -285,11 +302,19 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     score_weights = OmegaConf.to_container(t.selection_weights)
     with _StopFlag() as stop:
         for epoch in range(state["epoch"], t.max_epochs):
-            sampler.set_epoch(epoch)
+            sampler.use_epoch(epoch)
             model.train()
             skip = state["batch_in_epoch"]
             epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-            bar = tqdm(epoch_loader, total=len(loader), initial=skip, desc=f"epoch {epoch + 1}/{t.max_epochs}",
+            iterator = iter(epoch_loader)
+            if resume_rng is not None:
+                # starting a DataLoader iteration draws from the torch RNG: restore the checkpoint's RNG after the
+                # first batch is fetched, so dropout continues exactly where the interrupted run stopped
+                first = next(iterator, None)
+                _set_rng_state(resume_rng)
+                resume_rng = None
+                iterator = itertools.chain([] if first is None else [first], iterator)
+            bar = tqdm(iterator, total=len(loader), initial=skip, desc=f"epoch {epoch + 1}/{t.max_epochs}",
                        disable=not is_main or not t.progress_bar, dynamic_ncols=True)
             seen, t0 = 0, time.time()
             for batch in bar:
