@@ -12,19 +12,20 @@ TAX = load_taxonomy()
 
 @pytest.fixture(scope="module")
 def generated():
-    return generate_splits(seed=3, size=3000)
+    return generate_splits(seed=3, size=6000)
 
 
 def test_same_seed_same_output_other_seed_differs(generated):
-    again = generate_splits(seed=3, size=3000)
+    again = generate_splits(seed=3, size=6000)
     assert all(generated[s] == again[s] for s in ("train", "dev", "test"))
-    other = generate_splits(seed=4, size=3000)
+    other = generate_splits(seed=4, size=6000)
     assert generated["train"] != other["train"]
 
 
 def test_size_and_split_shares(generated):
     n = {s: len(generated[s]) for s in ("train", "dev", "test")}
-    assert 0.85 * 3000 <= sum(n.values()) <= 3000 + len(load_seeds())
+    assert 0.9 * 6000 <= sum(n.values()) <= 6000
+    assert sum(r["source"] == "template" for s in ("train", "dev", "test") for r in generated[s]) > 1000
     assert n["train"] > 3 * n["dev"] and n["dev"] > 0 and n["test"] > 0
 
 

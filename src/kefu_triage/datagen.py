@@ -164,8 +164,12 @@ def _record(text, context, intent, urgent, refund, group_id, source) -> dict[str
 def generate_splits(seed: int = 13, size: int = 12000, dev_fraction: float = 0.15, test_fraction: float = 0.15,
                     taxonomy: Taxonomy | None = None, seed_dir: str | Path | None = None,
                     template_dir: str | Path | None = None, noise_rate: float = 0.25, affix_rate: float = 0.3,
-                    cue_rate: float = 0.08) -> dict[str, Any]:
-    """{"train": [...], "dev": [...], "test": [...], "stats": {...}}; ``size`` = rows across the splits."""
+                    cue_rate: float = 0.08, seed_variants: int = 2) -> dict[str, Any]:
+    """{"train": [...], "dev": [...], "test": [...], "stats": {...}}.
+
+    ``size`` = rows across the splits: every seed message (plus ``seed_variants`` noisy copies of each train
+    seed), then template rows up to ``size``; a size below the seed rows yields just the seed rows.
+    """
     taxonomy = taxonomy or load_taxonomy()
     templates, lexicon = _resources(str(Path(template_dir or TEMPLATE_DIR)))
     unknown = sorted(set(templates) - set(taxonomy.intent_names))
@@ -192,12 +196,19 @@ def generate_splits(seed: int = 13, size: int = 12000, dev_fraction: float = 0.1
         gid = f"seed:{s['seed_id']}"
         out[split_of[gid]].append(_record(s["text"], s.get("context") or [], s["intent"], s["urgent"],
                                           s.get("refund_recoverable"), gid, "seed"))
+        # hand-written messages are the closest to real traffic: training sees each a few more times, with
+        # courtesy affixes and noise (duplicates are dropped below)
+        if split_of[gid] == "train":
+            for _ in range(seed_variants):
+                text = add_noise(decorate(s["text"], lexicon, rng, 0.6), lexicon, rng, 0.6)
+                out["train"].append(_record(text, s.get("context") or [], s["intent"], s["urgent"],
+                                            s.get("refund_recoverable"), gid, "seed_variant"))
 
     # template rows fill up to size, by the intent mix, each split getting its share
     mix = {i: float(w) for i, w in lexicon["mix"].items() if i in templates}
     intents, weights = sorted(mix), [mix[i] for i in sorted(mix)]
     targets = {"train": 1 - dev_fraction - test_fraction, "dev": dev_fraction, "test": test_fraction}
-    n_templates = max(size - len(seeds), 0)
+    n_templates = max(size - sum(len(v) for v in out.values()), 0)  # size counts seed rows too
     by_split_intent = defaultdict(list)
     for intent, items in templates.items():
         for t in items:
