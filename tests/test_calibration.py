@@ -1,6 +1,12 @@
 import numpy as np
 
-from kefu_triage.calibration import calibrate, expected_calibration_error, fit_temperature, probabilities, softmax
+from kefu_triage.calibration import (
+    calibrate,
+    expected_calibration_error,
+    fit_temperature,
+    probabilities,
+    softmax,
+)
 
 
 def _overconfident(n=4000, k=5, true_t=3.0, seed=0):

@@ -3,7 +3,15 @@ import json
 import pytest
 
 from kefu_triage.data import validate_records
-from kefu_triage.datagen import PROTECTED, GeneratorError, add_noise, generate_splits, load_seeds, _resources, TEMPLATE_DIR
+from kefu_triage.datagen import (
+    PROTECTED,
+    TEMPLATE_DIR,
+    GeneratorError,
+    _resources,
+    add_noise,
+    generate_splits,
+    load_seeds,
+)
 from kefu_triage.taxonomy import load_taxonomy
 from kefu_triage.textproc import clean_text
 

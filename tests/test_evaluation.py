@@ -1,7 +1,14 @@
 import numpy as np
 import pytest
 
-from kefu_triage.evaluation import Gold, binary_metrics, intent_metrics, risk_coverage_curve, triage_metrics, tune_thresholds
+from kefu_triage.evaluation import (
+    Gold,
+    binary_metrics,
+    intent_metrics,
+    risk_coverage_curve,
+    triage_metrics,
+    tune_thresholds,
+)
 from kefu_triage.triage import Thresholds
 
 ROUTES = np.array(["bot", "human", "refund_triage"], dtype=object)

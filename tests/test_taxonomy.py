@@ -2,7 +2,13 @@ import json
 
 import pytest
 
-from kefu_triage.taxonomy import DEFAULT_TAXONOMY_PATH, Taxonomy, TaxonomyError, load_taxonomy, taxonomy_from_config
+from kefu_triage.taxonomy import (
+    DEFAULT_TAXONOMY_PATH,
+    Taxonomy,
+    TaxonomyError,
+    load_taxonomy,
+    taxonomy_from_config,
+)
 
 
 def test_packaged_contract_matches_the_label_spec():

@@ -45,7 +45,7 @@ class TfidfLogRegBaseline:
         self.intent = self._pipe().fit(x, [taxonomy.intent_id(r["intent"]) for r in records])
         self.urgent = self._pipe().fit(x, [int(r["urgent"]) for r in records])
         refund = [(t, r["refund_recoverable"]) for t, r in zip(x, records, strict=True) if r["refund_recoverable"] is not None]
-        self.refund = self._pipe().fit(*zip(*refund)) if len({y for _, y in refund}) == 2 else None
+        self.refund = self._pipe().fit(*zip(*refund, strict=True)) if len({y for _, y in refund}) == 2 else None
         return self
 
     def predict_logits(self, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:

@@ -6,6 +6,7 @@ A benchmark, not a test: it prints figures and ratios against the targets and wr
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -37,6 +38,10 @@ for i in range(0, len(texts), 32):
 assert "torch" not in sys.modules
 print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")))
 """
+
+
+def _score_artifact(runtime: TriageModel, records: list[dict[str, Any]]):
+    return runtime.score([r["text"] for r in records], [r.get("context") for r in records])
 
 
 def _latencies(fn, messages: list[dict[str, Any]], warmup: int) -> np.ndarray:
@@ -73,8 +78,7 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
             engines["pytorch_eager"] = lambda recs: predict_logits(model, tokenizer, recs, batch_size=len(recs))
         for precision in ("fp32", "int8"):
             rt = TriageModel.load(artifact, precision=precision, threads=threads, batch_size=cfg.batch_size)
-            engines[f"onnx_{precision}"] = (lambda rt: lambda recs: rt.score([r["text"] for r in recs],
-                                                                            [r.get("context") for r in recs]))(rt)
+            engines[f"onnx_{precision}"] = functools.partial(_score_artifact, rt)
         for name, fn in engines.items():
             lat = _latencies(fn, lat_msgs, cfg.warmup)
             results["engines"][f"{name}@{threads}t"] = {

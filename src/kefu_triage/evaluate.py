@@ -21,8 +21,15 @@ from omegaconf import DictConfig, OmegaConf
 from kefu_triage.baselines import KeywordRuleBaseline, TfidfLogRegBaseline
 from kefu_triage.calibration import calibrate, probabilities
 from kefu_triage.data import load_split_records, summarize
-from kefu_triage.evaluation import (Gold, binary_metrics, decide, intent_metrics, risk_coverage_curve,
-                                    triage_metrics, tune_thresholds)
+from kefu_triage.evaluation import (
+    Gold,
+    binary_metrics,
+    decide,
+    intent_metrics,
+    risk_coverage_curve,
+    triage_metrics,
+    tune_thresholds,
+)
 from kefu_triage.fileio import atomic_write_json, atomic_write_jsonl
 from kefu_triage.taxonomy import Taxonomy, taxonomy_from_config
 from kefu_triage.triage import REASONS, Thresholds

@@ -11,12 +11,12 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 # mkstemp/mkdtemp create private (0600/0700) entries; results are ordinary files, so apply the umask
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-from pathlib import Path
-from typing import Any
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -70,7 +70,7 @@ def score_file(model: TriageModel, src: Path, out, errors_path: Path, progress: 
                     except ValueError as exc:
                         err.write(json.dumps({"line": lineno, "error": str(exc)}, ensure_ascii=False) + "\n")
                         n_bad += 1
-            for (lineno, obj), pred in pairs:
+            for (_lineno, obj), pred in pairs:
                 out.write(json.dumps({**obj, **pred}, ensure_ascii=False) + "\n")
                 n_ok += 1
             bar.update(len(chunk))

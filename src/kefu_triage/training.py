@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from kefu_triage.data import load_split_records, summarize, to_dataset
 from kefu_triage.encoders import load_encoder
-from kefu_triage.fileio import atomic_directory, atomic_write_json, atomic_write_text, replace_directory
+from kefu_triage.fileio import atomic_directory, atomic_write_json, atomic_write_text
 from kefu_triage.modeling import KefuTriageConfig, KefuTriageModel, encode, predict_logits
 from kefu_triage.taxonomy import Taxonomy, taxonomy_from_config
 
