@@ -86,3 +86,36 @@ def test_predict_logits_keeps_input_order(model_and_tokenizer):
 def test_pooling_validated():
     with pytest.raises(ValueError, match="pooling"):
         KefuTriageConfig(pooling="max")
+
+
+def test_token_type_ids_are_optional(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    batch = encode(tok, ["快递到哪了", "我要退货"], None, 2, 64, padding=True, return_tensors="pt")
+    with_types = model(**batch)
+    without = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    torch.testing.assert_close(with_types.intent_logits, without.intent_logits)  # all-zero types == absent
+
+
+def test_focal_loss_down_weights_the_intent_loss(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    batch = _batch(tok)
+    labels = dict(intent_labels=torch.tensor([6, 10, 15, 9]))
+    plain = model(**batch, **labels).loss
+    model.config.focal_gamma = 2.0
+    try:
+        focal = model(**batch, **labels).loss
+    finally:
+        model.config.focal_gamma = 0.0
+    assert 0 < focal < plain
+
+
+def test_class_weights_follow_training_counts():
+    from kefu_triage.training import class_weights
+
+    names = TAX.intent_names
+    records = [{"intent": names[0]}] * 90 + [{"intent": names[1]}] * 10 + [{"intent": n} for n in names[2:]]
+    w = class_weights(records, TAX, power=0.5)
+    assert len(w) == TAX.num_intents and abs(np.mean(w) - 1) < 1e-3
+    assert w[1] / w[0] == pytest.approx(3.0, rel=1e-3)  # inverse sqrt frequency: sqrt(90 / 10)
+    assert class_weights(records, TAX, power=0.0) == [1.0] * TAX.num_intents
+

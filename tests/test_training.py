@@ -1,5 +1,6 @@
 """Training loop: outputs, determinism, exact resume, signals, and 2-process data-parallel training."""
 
+import csv
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SMOKE_OVERRIDES, compose
-from kefu_triage.training import TrainingInterrupted, train
+from kefu_triage.training import LengthGroupedSampler, TrainingInterrupted, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,10 +37,20 @@ def _weights(model_dir):
 def test_smoke_run_leaves_a_complete_model_dir(smoke):
     model_dir = smoke["model_dir"]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "train_config.yaml", "label_maps.json",
-                 "train_log.jsonl", "data_summary.json"):
+                 "train_log.jsonl", "train_log.csv", "data_summary.json"):
         assert (model_dir / name).is_file(), name
     log = [json.loads(x) for x in (model_dir / "train_log.jsonl").read_text().splitlines()]
     assert {"dev_intent_macro_f1", "dev_urgent_f1", "dev_refund_f1", "dev_score"} <= set(log[0])
+    csv_rows = list(csv.DictReader((model_dir / "train_log.csv").open()))
+    assert [float(r["dev_score"]) for r in csv_rows] == [e["dev_score"] for e in log]
+    # linear decay: the rate falls epoch by epoch and reaches ~0 after the last planned step
+    lrs = [e["lr"] for e in log]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] > 0
+    if len(log) == smoke["summary"]["epochs_run"] == 8:
+        assert lrs[-1] < 1e-3 * lrs[0]
+    # a finished run keeps its model but not the bulky resumable state
+    assert (smoke["run_dir"] / "model" / "model.safetensors").is_file()
+    assert not (smoke["run_dir"] / "checkpoint").exists() and not (smoke["run_dir"] / "best").exists()
     # the smoke model learns something: dev intent accuracy well above chance (1/17)
     assert max(e["dev_intent_accuracy"] for e in log) > 0.25
     assert smoke["summary"]["best_dev"]["dev_score"] == max(e["dev_score"] for e in log)
@@ -60,6 +71,8 @@ def test_same_seed_same_metrics_and_exact_resume(smoke, tmp_path):
     assert _dev(resumed) == _dev(a)
     wa, wc = _weights(tmp_path / "a" / "run" / "model"), _weights(tmp_path / "c" / "run2" / "model")
     assert all(torch.allclose(wa[k], wc[k], atol=1e-6) for k in wa)
+    # the interrupted checkpoint was continued to completion: it is consumed, not resumed a second time
+    assert not (tmp_path / "c" / "run" / "checkpoint").exists()
 
 
 def _launch(args, root, **kw):
@@ -116,5 +129,43 @@ def test_two_process_data_parallel_training(smoke, tmp_path):
 
     model, _ = load_model(tmp_path / "models" / "smoke")
     assert model.config.num_intents == 17
-    log = (tmp_path / "models" / "smoke" / "train_log.jsonl").read_text().splitlines()
+    log = [json.loads(x) for x in (tmp_path / "models" / "smoke" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 2
+    # the schedule spans both epochs with 2 processes too (accelerate steps the scheduler once per process):
+    # halfway through, linear decay after 10% warm-up leaves ~0.56 of the peak rate, not 0
+    peak = 2.0e-3  # configs/experiment/smoke.yaml model.lr
+    assert 0.4 * peak < log[0]["lr"] < 0.7 * peak and log[1]["lr"] < 0.05 * peak
+
+
+def test_length_grouped_batches_cover_every_example_once():
+    lengths = [((i * 37) % 50) + 1 for i in range(1000)]
+    sampler = LengthGroupedSampler(lengths, batch_size=16, seed=3, mega_batch_mult=8)
+    batches = sampler.batches()
+    assert len(batches) == len(sampler) == 63
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 10  # random batches of 16 from 1..50 span ~45 lengths: grouping keeps padding low
+    assert sampler.batches() == batches  # same (seed, epoch): same order (resume relies on it)
+    sampler.use_epoch(1)
+    assert sampler.batches() != batches
+
+
+def test_multirun_sweep_composes_every_job():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    models = sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml"))
+    sweep = [f"model={','.join(models)}", "trainer=cpu,gpu,ddp"]
+    jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(sweep), max_batch_size=None)[0]
+    assert len(jobs) == 3 * len(models)
+    published = set()
+    for job in jobs:
+        cfg = compose("train", job)
+        # every encoder config carries what the training loop reads
+        for key in ("name", "source", "max_length", "lr", "batch_size", "warmup_ratio", "weight_decay"):
+            assert cfg.model.get(key) is not None, (job, key)
+        assert cfg.experiment_name == cfg.model.name
+        published.add(cfg.trainer.publish_dir)
+    assert len(published) == len(models)  # one models/<name> per encoder: sweeps do not overwrite each other
+    smoke = compose("train", ["experiment=smoke", "model=e5_small_zh"])
+    assert smoke.model.name == "e5_small_zh" and smoke.experiment_name == "smoke"  # the experiment stays overridable

@@ -4,6 +4,7 @@ Each encoder runs in its own process (so peak RSS is its own): the real training
 AdamW, clipping) on batches of generated messages, timed after warm-up steps. A benchmark, not a test.
 
     python -m kefu_triage.bench_train [--models tiny e5_small_zh] [--steps 20] [--batch-size 32]
+                                      [--output reports/bench_train.json]
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=96)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--output", default=None, help="also write the results as JSON here")
+    p.add_argument("--output", default="reports/bench_train.json", help="also write the results as JSON here ('' = no)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child process: measure one encoder, print JSON
     args = p.parse_args(argv)
     if args.one:
@@ -94,7 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         from kefu_triage.fileio import atomic_write_json
 
-        atomic_write_json(args.output, results)
+        import platform
+
+        atomic_write_json(args.output, {
+            "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                        "threads": args.threads, "load_avg_1m": round(os.getloadavg()[0], 2)},
+            "settings": {"steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size,
+                         "max_length": args.max_length},
+            "results": results})
+        print(f"wrote {args.output}")
     return 0
 
 

