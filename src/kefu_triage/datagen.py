@@ -2,7 +2,7 @@
 
 Sources (shipped in the package, ``resources/``):
 - ``seed/<intent>.jsonl``: hand-written messages, each with a ``seed_id``;
-- ``templates/templates.yaml``: templates per intent with labels and alternative surface forms;
+- ``templates/<intent>.yaml``: templates per intent with labels and alternative surface forms;
 - ``templates/lexicon.yaml``: slot lexicons, courtesy affixes, urgency cues, noise tables, the intent mix.
 
 Splits measure generalisation: whole groups (a seed message, a template) go to one split, and the
@@ -66,19 +66,39 @@ def load_seeds(seed_dir: Path | None = None) -> list[dict[str, Any]]:
     return seeds
 
 
+def _load_templates(tdir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Templates per intent: ``templates.yaml`` (all intents) and/or ``<intent>.yaml`` files."""
+    templates: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for path in sorted(tdir.glob("*.yaml")):
+        if path.name == "lexicon.yaml":
+            continue
+        for intent, items in (_load_yaml(path) or {}).items():
+            for item in items or []:
+                for key in ("id", "u", "t"):
+                    if key not in item:
+                        raise GeneratorError(f"{path}: {intent}: a template lacks {key!r}: {item}")
+                templates[intent].append({**item, "_file": path.name})
+    for intent, items in templates.items():
+        ids = [t["id"] for t in items]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise GeneratorError(f"{tdir}: {intent}: template ids used twice: {dup}")
+    return dict(templates)
+
+
 @lru_cache(maxsize=4)
 def _resources(template_dir: str) -> tuple[dict, dict]:
     tdir = Path(template_dir)
-    templates, lexicon = _load_yaml(tdir / "templates.yaml"), _load_yaml(tdir / "lexicon.yaml")
+    lexicon = _load_yaml(tdir / "lexicon.yaml")
+    templates = _load_templates(tdir)
+    if not templates:
+        raise GeneratorError(f"{tdir}: no templates found (<intent>.yaml files)")
     for intent, items in templates.items():
         for item in items:
-            for key in ("id", "u", "t"):
-                if key not in item:
-                    raise GeneratorError(f"{tdir / 'templates.yaml'}: {intent}: a template lacks {key!r}: {item}")
             for text in item["t"] + [turn[1] for turn in item.get("c", [])]:
                 for slot in SLOT.findall(text):
                     if slot not in lexicon["slots"]:
-                        raise GeneratorError(f"{tdir / 'templates.yaml'}: {intent}.{item['id']}: unknown slot {{{slot}}}")
+                        raise GeneratorError(f"{tdir / item['_file']}: {intent}.{item['id']}: unknown slot {{{slot}}}")
     return templates, lexicon
 
 
@@ -98,7 +118,7 @@ def add_noise(text: str, lexicon: dict, rng: random.Random, rate: float) -> str:
         options = [(a, b) for a, b in sorted(lexicon["homophones"].items()) if a in text and not set(a) & PROTECTED]
         if options:
             a, b = rng.choice(options)
-            text = text.replace(a, b, 1)
+            text = text.replace(a, b if isinstance(b, str) else rng.choice(b), 1)
     elif kind == "traditional":
         table = {k: v for k, v in lexicon["traditional"].items() if k not in PROTECTED}
         text = "".join(table.get(ch, ch) if rng.random() < 0.7 else ch for ch in text)
@@ -152,6 +172,14 @@ def split_of_cue(index: int, n: int, dev_fraction: float, test_fraction: float) 
 # ---------------------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------------------
+def distractor_context(lexicon: dict, rng: random.Random) -> list[dict[str, str]]:
+    """One or two previous turns that do not decide the label (see lexicon.yaml: agent_turns)."""
+    turns = [{"role": "agent", "text": fill(rng.choice(lexicon["agent_turns"]), lexicon, rng)}]
+    if rng.random() < 0.4:
+        turns.insert(0, {"role": "customer", "text": fill(rng.choice(lexicon["customer_turns"]), lexicon, rng)})
+    return turns
+
+
 def _key(record: dict[str, Any]) -> str:
     return clean_text(record["text"]) + "\x00" + json.dumps(record["context"], ensure_ascii=False)
 
@@ -164,7 +192,7 @@ def _record(text, context, intent, urgent, refund, group_id, source) -> dict[str
 def generate_splits(seed: int = 13, size: int = 12000, dev_fraction: float = 0.15, test_fraction: float = 0.15,
                     taxonomy: Taxonomy | None = None, seed_dir: str | Path | None = None,
                     template_dir: str | Path | None = None, noise_rate: float = 0.25, affix_rate: float = 0.3,
-                    cue_rate: float = 0.08, seed_variants: int = 2) -> dict[str, Any]:
+                    cue_rate: float = 0.08, seed_variants: int = 2, distractor_rate: float = 0.3) -> dict[str, Any]:
     """{"train": [...], "dev": [...], "test": [...], "stats": {...}}.
 
     ``size`` = rows across the splits: every seed message (plus ``seed_variants`` noisy copies of each train
@@ -174,7 +202,7 @@ def generate_splits(seed: int = 13, size: int = 12000, dev_fraction: float = 0.1
     templates, lexicon = _resources(str(Path(template_dir or TEMPLATE_DIR)))
     unknown = sorted(set(templates) - set(taxonomy.intent_names))
     if unknown:
-        raise GeneratorError(f"templates.yaml: intents not in the taxonomy ({taxonomy.source}): {unknown}")
+        raise GeneratorError(f"templates: intents not in the taxonomy ({taxonomy.source}): {unknown}")
     seeds = load_seeds(seed_dir)
     rng = random.Random(seed)
 
@@ -201,7 +229,8 @@ def generate_splits(seed: int = 13, size: int = 12000, dev_fraction: float = 0.1
         if split_of[gid] == "train":
             for _ in range(seed_variants):
                 text = add_noise(decorate(s["text"], lexicon, rng, 0.6), lexicon, rng, 0.6)
-                out["train"].append(_record(text, s.get("context") or [], s["intent"], s["urgent"],
+                context = s.get("context") or (distractor_context(lexicon, rng) if rng.random() < distractor_rate else [])
+                out["train"].append(_record(text, context, s["intent"], s["urgent"],
                                             s.get("refund_recoverable"), gid, "seed_variant"))
 
     # template rows fill up to size, by the intent mix, each split getting its share
@@ -234,6 +263,8 @@ def generate_splits(seed: int = 13, size: int = 12000, dev_fraction: float = 0.1
                 text = f"{text} {rng.choice(lexicon['calm_cues'])}"
             text = add_noise(decorate(text, lexicon, rng, affix_rate), lexicon, rng, noise_rate)
             context = [{"role": r, "text": fill(x, lexicon, rng)} for r, x in tpl.get("c", [])]
+            if not context and rng.random() < distractor_rate:
+                context = distractor_context(lexicon, rng)
             rec = _record(text, context, intent, urgent, tpl.get("r"), f"tpl:{intent}:{tpl['id']}", "template")
             if _key(rec) in seen[split]:
                 continue
