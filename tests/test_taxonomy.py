@@ -62,3 +62,16 @@ def test_user_taxonomy_via_config_path(tmp_path):
     assert t.intent_names == ["ask", "angry", "refund"] and t.refund_intents == ["refund"]
     assert taxonomy_from_config({"intents": {"x": {"route": "bot"}, "y": {"route": "human"}}}).num_intents == 2
     assert DEFAULT_TAXONOMY_PATH.is_file()
+
+
+def test_json_taxonomy_and_bad_heads(tmp_path):
+    good = tmp_path / "t.json"
+    good.write_text(json.dumps({"intents": {"a": {"route": "bot"}, "b": {"route": "refund_triage"}}}), encoding="utf-8")
+    assert load_taxonomy(good).refund_intents == ["b"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"intents": {"a": {"route": "bot"}, "b": {"route": "human"}}, "heads": [1]}))
+    with pytest.raises(TaxonomyError, match=r"bad.json: 'heads' must be a mapping"):
+        load_taxonomy(bad)
+    (tmp_path / "broken.json").write_text("{", encoding="utf-8")
+    with pytest.raises(TaxonomyError, match=r"broken.json: invalid JSON"):
+        load_taxonomy(tmp_path / "broken.json")

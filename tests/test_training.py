@@ -151,8 +151,8 @@ def test_length_grouped_batches_cover_every_example_once():
 
 
 def test_multirun_sweep_composes_every_job():
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     models = sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml"))
     sweep = [f"model={','.join(models)}", "trainer=cpu,gpu,ddp"]

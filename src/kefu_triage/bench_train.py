@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['model']} | {r['params_m']:.1f} | {r['examples_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
               f"{r['step_ms']:.0f} | {r['peak_rss_mb']:.0f} |")
     if args.output:
-        from kefu_triage.fileio import atomic_write_json
-
         import platform
+
+        from kefu_triage.fileio import atomic_write_json
 
         atomic_write_json(args.output, {
             "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
