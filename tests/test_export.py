@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import compose
-from kefu_triage.export import ExportError, export
+from kefu_triage.export import ExportError, export, quantize_until_parity
 from kefu_triage.runtime import TriageModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,9 @@ def test_failed_parity_gate_keeps_previous_artifact(smoke, tmp_path):
     with pytest.raises(ExportError, match="parity gate failed: fp32 max"):
         export(_cfg(smoke, out, "parity.fp32_max_abs_prob_diff=0"))
     assert (out / "triage.json").read_bytes() == before
+    with pytest.raises(ExportError, match="int8 route agreement .* every quantization.op_types_fallback step"):
+        export(_cfg(smoke, out, "parity.int8_min_route_agreement=1.01"))
+    assert (out / "triage.json").read_bytes() == before
     TriageModel.load(out)
     assert not list(tmp_path.glob(".art.tmp-*"))
 
@@ -66,3 +70,29 @@ def test_killed_export_keeps_previous_artifact(smoke, tmp_path):
     TriageModel.load(out)  # still verifies: no file of it was touched
     export(_cfg(smoke, out))  # the next export cleans the stale temp dir and succeeds
     assert not list(tmp_path.glob(".art.tmp-*"))
+
+
+def test_int8_falls_back_to_fewer_op_types_until_the_gate_passes(smoke, tmp_path):
+    shutil.copy(smoke["artifact"] / "model.onnx", tmp_path / "model.onnx")
+    cfg = _cfg(smoke, tmp_path / "unused", "quantization.smooth_alpha=null",
+               "quantization.op_types_fallback=[[],[MatMul],[Gather]]")
+    sizes = []
+
+    class Checker:  # stands in for the PyTorch comparison: only the second int8 model passes
+        def compare(self, artifact_dir, precision):
+            sizes.append((artifact_dir / "model.int8.onnx").stat().st_size)
+            return {"int8_route_agreement": 0.995 if len(sizes) == 2 else 0.9}
+
+    summary, figures, failures = quantize_until_parity(cfg, tmp_path / "model.onnx", tmp_path / "model.int8.onnx",
+                                                       None, Checker())
+    assert not failures and figures["int8_route_agreement"] == 0.995
+    assert [a["op_types"] for a in summary["attempts"]] == ["all supported", ["MatMul"]]
+    assert [a["passed"] for a in summary["attempts"]] == [False, True]
+    assert sizes[1] > sizes[0]  # MatMul-only leaves the embeddings in fp32
+    assert (tmp_path / "model.int8.onnx").stat().st_size == sizes[1]  # the passing model is the one kept
+
+    sizes.clear()
+    cfg.quantization.op_types_fallback = [[]]
+    summary, _, failures = quantize_until_parity(cfg, tmp_path / "model.onnx", tmp_path / "model.int8.onnx",
+                                                 None, Checker())
+    assert failures == ["int8 route agreement 0.9000 < 0.99"] and len(summary["attempts"]) == 1

@@ -78,6 +78,18 @@ def test_batching_and_order_do_not_change_results(smoke, precision, tol):
         assert abs(a["urgent_prob"] - b["urgent_prob"]) < tol and abs(a["intent_prob"] - b["intent_prob"]) < tol
 
 
+def test_length_groups_cap_batch_size_and_padding(smoke):
+    model = TriageModel.load(smoke["artifact"], precision="fp32", batch_size=4)
+    lengths = [5, 6, 6, 7, 7, 9, 30, 31, 80, 90]
+    groups = model._length_groups(lengths)
+    assert groups[0][0] == 0 and groups[-1][1] == len(lengths)
+    assert all(a[1] == b[0] for a, b in zip(groups[:-1], groups[1:], strict=True))  # contiguous: every message scored once
+    for start, end in groups:
+        assert end - start <= 4 and lengths[end - 1] <= 2 * lengths[start] + 8
+    assert groups[:2] == [(0, 4), (4, 6)]  # short messages share a batch; 30 tokens start a new one
+    assert model._length_groups([]) == []
+
+
 def test_concurrent_predict_matches_serial(runtime):
     texts = ["快递到哪了", "我要退款 东西坏了", "转人工", "有优惠券吗", "地址写错了能改吗", "什么时候发货"]
     expected = runtime.predict(texts)

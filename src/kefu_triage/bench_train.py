@@ -4,7 +4,7 @@ Each encoder runs in its own process (so peak RSS is its own): the real training
 AdamW, clipping) on batches of generated messages, timed after warm-up steps. A benchmark, not a test.
 
     python -m kefu_triage.bench_train [--models tiny e5_small_zh] [--steps 20] [--batch-size 32]
-                                      [--output reports/bench_train.json]
+                                      [--context-turns 1] [--output reports/bench_train.json]
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from pathlib import Path
 MODELS_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 
 
-def measure(model_name: str, steps: int, warmup: int, batch_size: int, max_length: int, threads: int) -> dict:
+def measure(model_name: str, steps: int, warmup: int, batch_size: int, max_length: int, threads: int,
+            context_turns: int = 1) -> dict:
     import torch
     from omegaconf import OmegaConf
 
@@ -33,7 +34,7 @@ def measure(model_name: str, steps: int, warmup: int, batch_size: int, max_lengt
     torch.manual_seed(0)
     tax = load_taxonomy()
     encoder, tokenizer = load_encoder(OmegaConf.load(MODELS_DIR / f"{model_name}.yaml"))
-    cfg = KefuTriageConfig(intent_labels=tax.intent_names, intent_routes=tax.routes, context_turns=2,
+    cfg = KefuTriageConfig(intent_labels=tax.intent_names, intent_routes=tax.routes, context_turns=context_turns,
                            max_seq_length=max_length, encoder_name=model_name)
     model = KefuTriageModel.from_encoder(encoder, cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -41,7 +42,7 @@ def measure(model_name: str, steps: int, warmup: int, batch_size: int, max_lengt
     n_tokens, times = 0, []
     for step in range(warmup + steps):
         batch_rows = [rows[(step * batch_size + i) % len(rows)] for i in range(batch_size)]
-        batch = encode(tokenizer, [r["text"] for r in batch_rows], [r["context"] for r in batch_rows], 2, max_length,
+        batch = encode(tokenizer, [r["text"] for r in batch_rows], [r["context"] for r in batch_rows], context_turns, max_length,
                        padding=True, return_tensors="pt")
         labels = {"intent_labels": torch.tensor([tax.intent_id(r["intent"]) for r in batch_rows]),
                   "urgent_labels": torch.tensor([r["urgent"] for r in batch_rows]),
@@ -70,18 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=96)
+    p.add_argument("--context-turns", type=int, default=1, help="previous turns as a second segment (data default)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--output", default="reports/bench_train.json", help="also write the results as JSON here ('' = no)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child process: measure one encoder, print JSON
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(measure(args.one, args.steps, args.warmup, args.batch_size, args.max_length, args.threads)))
+        print(json.dumps(measure(args.one, args.steps, args.warmup, args.batch_size, args.max_length, args.threads,
+                                 args.context_turns)))
         return 0
     results = []
     for name in args.models:
         res = subprocess.run([sys.executable, "-m", "kefu_triage.bench_train", "--one", name, "--steps", str(args.steps),
                               "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-                              "--max-length", str(args.max_length), "--threads", str(args.threads)],
+                              "--max-length", str(args.max_length), "--threads", str(args.threads),
+                              "--context-turns", str(args.context_turns)],
                              capture_output=True, text=True)
         if res.returncode != 0:
             print(f"{name}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                         "threads": args.threads, "load_avg_1m": round(os.getloadavg()[0], 2)},
             "settings": {"steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size,
-                         "max_length": args.max_length},
+                         "max_length": args.max_length, "context_turns": args.context_turns},
             "results": results})
         print(f"wrote {args.output}")
     return 0

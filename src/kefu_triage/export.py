@@ -1,7 +1,8 @@
 """`make export`: the trained model -> a parity-gated ONNX artifact directory.
 
 TorchScript exporter (``dynamo=False``) with eager attention so onnxruntime's transformer optimizer can
-fuse Attention/SkipLayerNorm/Gelu; then dynamic int8 quantisation. The artifact is built in a temporary
+fuse Attention/SkipLayerNorm/Gelu; then dynamic int8 quantisation with activation smoothing
+(`kefu_triage.quantization`). The artifact is built in a temporary
 directory and renamed into place only after the parity gate passes, so a failed or killed export leaves
 the previous artifact intact.
 """
@@ -28,6 +29,7 @@ from kefu_triage.calibration import probabilities
 from kefu_triage.data import read_examples
 from kefu_triage.fileio import atomic_directory, atomic_write_json, atomic_write_text, sha256_file
 from kefu_triage.modeling import load_model, predict_logits
+from kefu_triage.quantization import quantize_int8
 from kefu_triage.runtime import MANIFEST, OUTPUT_NAMES, SCHEMA_VERSION, TriageModel
 from kefu_triage.textproc import MAX_MESSAGE_CHARS, MAX_TURN_CHARS, ROLE_PREFIX
 from kefu_triage.triage import Thresholds, TriagePolicy
@@ -76,54 +78,111 @@ def export_onnx(model, input_names: list[str], path: Path, opset: int) -> None:
                           opset_version=opset, do_constant_folding=True)
 
 
-def optimize_and_quantize(raw: Path, fp32: Path, int8: Path, num_heads: int, hidden: int) -> dict[str, int]:
+def optimize(raw: Path, fp32: Path, num_heads: int, hidden: int) -> dict[str, int]:
+    """onnxruntime's transformer optimizer; returns the fused-op counts of the result."""
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
 
     optimized = optimize_model(str(raw), model_type="bert", num_heads=num_heads, hidden_size=hidden, opt_level=1)
     optimized.save_model_to_file(str(fp32))
     counts = Counter(n.op_type for n in onnx.load(str(fp32)).graph.node)
-    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return {op: counts.get(op, 0) for op in FUSED_OPS if counts.get(op, 0)}
 
 
-def parity(model, tokenizer, artifact_dir: Path, records: list[dict[str, Any]], policy: dict[str, Any],
-           taxonomy) -> dict[str, float]:
-    """PyTorch vs ONNX fp32 (max |Δprob|) and vs int8 (route agreement, intent macro-F1 drop)."""
-    from sklearn.metrics import f1_score
+def calibration_feeds(tokenizer, model_config, records: list[dict[str, Any]], input_names: list[str],
+                      batch_size: int = 32):
+    """Padded numpy batches of ``records`` tokenised as the runtime does, for activation calibration."""
+    from kefu_triage.modeling import encode
 
-    temps = policy["temperatures"]
-    th = Thresholds.from_mapping(policy["thresholds"])
-    pol = TriagePolicy(taxonomy.routes, th)
-    torch_p = probabilities(predict_logits(model, tokenizer, records), temps)
-    gold = np.array([taxonomy.intent_id(r["intent"]) for r in records]) if all("intent" in r for r in records) else None
-    out = {"rows": len(records)}
-    routes = {"torch": pol.decide(torch_p["intent"], torch_p["urgent"], torch_p["refund_recoverable"]).route}
-    for precision in ("fp32", "int8"):
+    records = sorted(records, key=lambda r: len(r["text"]))
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        batch = encode(tokenizer, [r["text"] for r in chunk], [r.get("context") for r in chunk],
+                       model_config.context_turns, model_config.max_seq_length, padding=True, return_tensors="np")
+        yield {n: np.asarray(batch[n], dtype=np.int64) for n in input_names}
+
+
+def calibration_records(cfg: DictConfig, taxonomy) -> list[dict[str, Any]]:
+    """A fixed random sample of training messages (never the dev messages the parity gate judges)."""
+    q = cfg.quantization
+    path = q.calibration_file or cfg.data.get("train_file")
+    if not path or not Path(path).is_file():
+        raise ExportError(f"export: activation smoothing needs calibration messages; {path} not found (run "
+                          "`make data`, set quantization.calibration_file, or quantization.smooth_alpha=null)")
+    records = read_examples(path, taxonomy)
+    rng = np.random.default_rng(q.calibration_seed)
+    pick = rng.choice(len(records), size=min(q.calibration_rows, len(records)), replace=False)
+    return [records[i] for i in sorted(pick)]
+
+
+class ParityCheck:
+    """The PyTorch reference on the gate's messages, computed once; each ONNX model is compared against it:
+    max |Δprob|, route agreement, intent macro-F1 drop."""
+
+    def __init__(self, model, tokenizer, records: list[dict[str, Any]], policy: dict[str, Any], taxonomy):
+        self.records, self.taxonomy, self.temps = records, taxonomy, policy["temperatures"]
+        self.policy = TriagePolicy(taxonomy.routes, Thresholds.from_mapping(policy["thresholds"]))
+        self.torch_p = probabilities(predict_logits(model, tokenizer, records), self.temps)
+        self.torch_routes = self._routes(self.torch_p)
+        self.gold = (np.array([taxonomy.intent_id(r["intent"]) for r in records])
+                     if all("intent" in r for r in records) else None)
+
+    def _routes(self, p: dict[str, np.ndarray]) -> np.ndarray:
+        return self.policy.decide(p["intent"], p["urgent"], p["refund_recoverable"]).route
+
+    def _macro_f1(self, intent_p: np.ndarray) -> float:
+        from sklearn.metrics import f1_score
+
+        ids = list(range(self.taxonomy.num_intents))
+        return f1_score(self.gold, intent_p.argmax(1), labels=ids, average="macro", zero_division=0)
+
+    def compare(self, artifact_dir: Path, precision: str) -> dict[str, float]:
         rt = TriageModel.load(artifact_dir, precision=precision, verify_hashes=False)
-        p = probabilities(rt.score([r["text"] for r in records], [r.get("context") for r in records]), temps)
-        out[f"{precision}_max_abs_prob_diff"] = float(max(np.abs(p[k] - torch_p[k]).max() for k in p))
-        routes[precision] = pol.decide(p["intent"], p["urgent"], p["refund_recoverable"]).route
-        out[f"{precision}_route_agreement"] = float((routes[precision] == routes["torch"]).mean())
-        if gold is not None:
-            ids = list(range(taxonomy.num_intents))
-            f_t = f1_score(gold, torch_p["intent"].argmax(1), labels=ids, average="macro", zero_division=0)
-            f_o = f1_score(gold, p["intent"].argmax(1), labels=ids, average="macro", zero_division=0)
-            out[f"{precision}_intent_macro_f1_drop"] = float(f_t - f_o)
-    return out
+        p = probabilities(rt.score([r["text"] for r in self.records], [r.get("context") for r in self.records]),
+                          self.temps)
+        out = {f"{precision}_max_abs_prob_diff": float(max(np.abs(p[k] - self.torch_p[k]).max() for k in p)),
+               f"{precision}_route_agreement": float((self._routes(p) == self.torch_routes).mean())}
+        if self.gold is not None:
+            out[f"{precision}_intent_macro_f1_drop"] = float(self._macro_f1(self.torch_p["intent"])
+                                                             - self._macro_f1(p["intent"]))
+        return out
 
 
 def check_gate(figures: dict[str, float], gate: DictConfig) -> list[str]:
+    """The gate's failures among ``figures`` (fp32 and/or int8 ones, whichever are present)."""
     failures = []
-    if figures["fp32_max_abs_prob_diff"] > gate.fp32_max_abs_prob_diff:
+    if figures.get("fp32_max_abs_prob_diff", 0.0) > gate.fp32_max_abs_prob_diff:
         failures.append(f"fp32 max |Δprob| {figures['fp32_max_abs_prob_diff']:.2e} > {gate.fp32_max_abs_prob_diff}")
-    if figures["int8_route_agreement"] < gate.int8_min_route_agreement:
+    if "int8_route_agreement" in figures and figures["int8_route_agreement"] < gate.int8_min_route_agreement:
         failures.append(f"int8 route agreement {figures['int8_route_agreement']:.4f} < {gate.int8_min_route_agreement}")
     if figures.get("int8_intent_macro_f1_drop", 0.0) > gate.int8_max_macro_f1_drop:
         failures.append(f"int8 intent macro-F1 drop {figures['int8_intent_macro_f1_drop']:.4f} > {gate.int8_max_macro_f1_drop}")
     return failures
+
+
+def quantize_until_parity(cfg: DictConfig, fp32: Path, int8: Path, feeds: list[dict[str, np.ndarray]] | None,
+                          checker: ParityCheck) -> tuple[dict[str, Any], dict[str, float], list[str]]:
+    """Accuracy-aware int8: try ``quantization.op_types_fallback`` in order (each step leaves more of the graph
+    in fp32, so it is larger and slower) and keep the first int8 model that passes the gate.
+
+    Returns (quantization summary with every attempt, int8 parity figures, gate failures of the last attempt).
+    """
+    q = cfg.quantization
+    attempts: list[dict[str, Any]] = []
+    if not q.op_types_fallback:
+        raise ExportError("export: quantization.op_types_fallback is empty; give at least one op-type list ([] = all)")
+    for op_types in q.op_types_fallback:
+        summary = quantize_int8(fp32, int8, feeds, per_channel=q.per_channel, smooth_alpha=q.smooth_alpha,
+                                keep_fp32=list(q.keep_fp32), op_types=list(op_types))
+        figures = checker.compare(int8.parent, "int8")
+        failures = check_gate(figures, cfg.parity)
+        attempts.append({"op_types": summary["op_types"], "bytes": int8.stat().st_size, **figures,
+                         "passed": not failures})
+        print(f"int8 ({summary['op_types']}): {int8.stat().st_size / 1e6:.1f} MB, route agreement "
+              f"{figures['int8_route_agreement']:.4f}" + (f" -> {'; '.join(failures)}" if failures else " -> passes"))
+        if not failures:
+            break
+    return {**summary, "attempts": attempts}, figures, failures
 
 
 def model_card(manifest: dict[str, Any]) -> str:
@@ -144,6 +203,12 @@ def model_card(manifest: dict[str, Any]) -> str:
               f"operating point {op.get('operating_point')}, met on dev: {op.get('constraints_met')}.", "",
               "## Metrics (from `make eval` on the test split)", ""]
     lines += [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in ev.items()] or ["- not evaluated"]
+    qz = manifest.get("quantization") or {}
+    lines += ["", "## Quantisation", "",
+              f"`model.int8.onnx`: {qz.get('method')}; quantised op types: {qz.get('op_types')}; smoothing alpha "
+              f"{qz.get('smooth_alpha')}; kept in fp32: {qz.get('fp32_nodes')}. Attempts, in order:", ""]
+    lines += [f"- {a['op_types']}: {a['bytes'] / 1e6:.1f} MB, route agreement {a['int8_route_agreement']:.4f}, "
+              f"{'passed' if a['passed'] else 'failed'} the gate" for a in qz.get("attempts", [])]
     lines += ["", "## Parity (export gate on dev)", ""] + [f"- {k}: {v}" for k, v in manifest["parity"].items()]
     lines += ["", "## Limits", "",
               "- The default training data is generated from hand-written seeds and templates; measure on your own "
@@ -171,8 +236,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     with atomic_directory(out_dir) as tmp:
         export_onnx(model, input_names, tmp / "model.raw.onnx", cfg.opset)
         enc = model.encoder.config
-        fused = optimize_and_quantize(tmp / "model.raw.onnx", tmp / "model.onnx", tmp / "model.int8.onnx",
-                                      enc.num_attention_heads, enc.hidden_size)
+        fused = optimize(tmp / "model.raw.onnx", tmp / "model.onnx", enc.num_attention_heads, enc.hidden_size)
         (tmp / "model.raw.onnx").unlink()
         tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
         data_summary = model_dir / "data_summary.json"
@@ -196,17 +260,32 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             "training_data": json.loads(data_summary.read_text(encoding="utf-8")) if data_summary.is_file() else None,
             "eval_metrics": eval_summary,
             "fused_ops": fused,
+            "quantization": None,
             "package_versions": {p: _version(p) for p in ("torch", "transformers", "onnx", "onnxruntime", "tokenizers",
                                                           "numpy")} | {"python": platform.python_version()},
             "files": {},
         }
         # first without hashes (the parity runs load it), then the real manifest
         atomic_write_json(tmp / MANIFEST, manifest)
-        figures = parity(model, tokenizer, tmp, records, policy, taxonomy)
-        print("parity: " + ", ".join(f"{k}={v:.6g}" for k, v in figures.items()))
+        checker = ParityCheck(model, tokenizer, records, policy, taxonomy)
+        figures = {"rows": len(records), **checker.compare(tmp, "fp32")}
         failures = check_gate(figures, cfg.parity)
         if failures and cfg.parity.enforce:
             raise ExportError("parity gate failed: " + "; ".join(failures) + f" (previous artifact at {out_dir} kept)")
+        q = cfg.quantization
+        calib = calibration_records(cfg, taxonomy) if q.smooth_alpha else []
+        feeds = list(calibration_feeds(tokenizer, mcfg, calib, input_names)) if calib else None
+        quantization, int8_figures, int8_failures = quantize_until_parity(cfg, tmp / "model.onnx",
+                                                                          tmp / "model.int8.onnx", feeds, checker)
+        if q.smooth_alpha:
+            quantization["calibration"] = {"rows": len(calib), "seed": q.calibration_seed}
+        figures |= int8_figures
+        failures += int8_failures
+        print("parity: " + ", ".join(f"{k}={v:.6g}" for k, v in figures.items()))
+        if failures and cfg.parity.enforce:
+            raise ExportError("parity gate failed: " + "; ".join(failures) + " (with every quantization."
+                              f"op_types_fallback step; previous artifact at {out_dir} kept)")
+        manifest["quantization"] = quantization
         manifest["parity"] = {**figures, "passed": not failures}
         manifest["files"] = {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size}
                              for n in ("model.onnx", "model.int8.onnx", "tokenizer.json")}

@@ -115,8 +115,7 @@ class TriageModel:
                 raise ValueError(f"texts[{i}]: {exc}") from None
         return pairs
 
-    def _run(self, pairs: list[tuple[str, str | None]]) -> dict[str, np.ndarray]:
-        encodings = self.tokenizer.encode_batch([p if p[1] is not None else p[0] for p in pairs])
+    def _run(self, encodings: list) -> dict[str, np.ndarray]:
         width = max(len(e.ids) for e in encodings)
         ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(encodings), width), dtype=np.int64)
@@ -128,14 +127,27 @@ class TriageModel:
         outs = self.session.run(list(OUTPUT_NAMES), {k: feed[k] for k in self.input_names})
         return dict(zip(OUTPUT_NAMES, outs, strict=True))
 
+    def _length_groups(self, lengths: list[int]) -> list[tuple[int, int]]:
+        """Split token lengths sorted ascending into [start, end) batches of at most ``batch_size`` whose
+        longest member is at most twice (+8 tokens) the shortest: a mixed batch of short messages and long
+        messages with context would otherwise pad everything to the longest."""
+        groups, start = [], 0
+        for i, n in enumerate(lengths):
+            if i > start and (i - start >= self.batch_size or n > 2 * lengths[start] + 8):
+                groups.append((start, i))
+                start = i
+        return groups + [(start, len(lengths))] if lengths else groups
+
     def score(self, texts: Any, contexts: Any = None) -> dict[str, np.ndarray]:
-        """Raw logits of the three heads, in input order (batched, shortest first to limit padding)."""
+        """Raw logits of the three heads, in input order (batched by similar length to limit padding)."""
         pairs = self._inputs(texts, contexts)
         if not pairs:
             return {"intent_logits": np.zeros((0, len(self.intent_names)), np.float32),
                     "urgent_logit": np.zeros(0, np.float32), "refund_recoverable_logit": np.zeros(0, np.float32)}
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1] or ""))
-        parts = [self._run([pairs[i] for i in order[s:s + self.batch_size]]) for s in range(0, len(order), self.batch_size)]
+        encodings = self.tokenizer.encode_batch([p if p[1] is not None else p[0] for p in pairs])
+        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
+        lengths = [len(encodings[i].ids) for i in order]
+        parts = [self._run([encodings[i] for i in order[s:e]]) for s, e in self._length_groups(lengths)]
         inverse = np.argsort(np.asarray(order))
         return {k: np.concatenate([p[k] for p in parts])[inverse] for k in OUTPUT_NAMES}
 
