@@ -113,12 +113,10 @@ def match_nodes(model: onnx.ModelProto, patterns: Sequence[str]) -> list[str]:
     return sorted(set(matched))
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration_feeds: Iterable[dict[str, np.ndarray]] | None,
-                  *, per_channel: bool = True, smooth_alpha: float | None = 0.8, keep_fp32: Sequence[str] = (),
-                  op_types: Sequence[str] | None = None) -> dict[str, Any]:
-    """fp32 ONNX -> dynamic int8 ONNX. Returns a summary for the artifact manifest."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+def prepare_int8(fp32_path: Path, prepared_path: Path, calibration_feeds: Iterable[dict[str, np.ndarray]] | None,
+                 *, smooth_alpha: float | None = 0.8, keep_fp32: Sequence[str] = ()) -> dict[str, Any]:
+    """The part of quantisation that does not depend on the op types: smoothing and the nodes kept in fp32.
+    Writes the graph to quantise to ``prepared_path`` and returns its summary for ``quantize_prepared``."""
     model = onnx.load(str(fp32_path))
     excluded = match_nodes(model, keep_fp32)
     smoothed = 0
@@ -126,14 +124,30 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration_feeds: Iterable[
         if calibration_feeds is None:
             raise ValueError("quantization.smooth_alpha is set but no calibration messages were given")
         model, smoothed = smooth_activations(model, calibration_feeds, smooth_alpha, exclude=excluded)
-    source = int8_path.with_name(int8_path.name + ".smoothed.onnx")
-    onnx.save(model, str(source))
-    try:
-        quantize_dynamic(str(source), str(int8_path), weight_type=QuantType.QInt8, per_channel=per_channel,
-                         op_types_to_quantize=list(op_types) if op_types else None, nodes_to_exclude=excluded,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    finally:
-        source.unlink(missing_ok=True)
+    onnx.save(model, str(prepared_path))
+    return {"smooth_alpha": smooth_alpha, "smoothed_nodes": smoothed, "fp32_nodes": excluded}
+
+
+def quantize_prepared(prepared_path: Path, int8_path: Path, prepared: dict[str, Any], *, per_channel: bool = True,
+                      op_types: Sequence[str] | None = None) -> dict[str, Any]:
+    """Dynamic int8 of a graph from ``prepare_int8``. Returns a summary for the artifact manifest."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(prepared_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=per_channel,
+                     op_types_to_quantize=list(op_types) if op_types else None,
+                     nodes_to_exclude=prepared["fp32_nodes"], extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return {"method": "onnxruntime dynamic int8 (QInt8 weights, per-tensor dynamic activations)",
-            "per_channel": per_channel, "smooth_alpha": smooth_alpha, "smoothed_nodes": smoothed,
-            "fp32_nodes": excluded, "op_types": list(op_types) if op_types else "all supported"}
+            "per_channel": per_channel, **prepared, "op_types": list(op_types) if op_types else "all supported"}
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration_feeds: Iterable[dict[str, np.ndarray]] | None,
+                  *, per_channel: bool = True, smooth_alpha: float | None = 0.8, keep_fp32: Sequence[str] = (),
+                  op_types: Sequence[str] | None = None) -> dict[str, Any]:
+    """fp32 ONNX -> dynamic int8 ONNX in one call (``prepare_int8`` then ``quantize_prepared``)."""
+    prepared_path = int8_path.with_name(int8_path.name + ".smoothed.onnx")
+    try:
+        prepared = prepare_int8(fp32_path, prepared_path, calibration_feeds, smooth_alpha=smooth_alpha,
+                                keep_fp32=keep_fp32)
+        return quantize_prepared(prepared_path, int8_path, prepared, per_channel=per_channel, op_types=op_types)
+    finally:
+        prepared_path.unlink(missing_ok=True)
