@@ -39,7 +39,7 @@ install: $(STAMP)  ## create .venv and install the project (train + dev extras)
 all: data train eval export bench  ## the whole default pipeline, offline: data -> train -> eval -> export -> bench
 
 data: $(STAMP)  ## generate the embedded dataset: data/embedded/{train,dev,test}.jsonl + stats
-	$(PY) -m kefu_triage.prepare_data $(ARGS)
+	$(PY) -m kefu_triage.data $(ARGS)
 
 train: $(STAMP)  ## fine-tune the default experiment (EXPERIMENT=smoke for a one-minute run)
 	$(PY) -m kefu_triage.train experiment=$(EXPERIMENT) $(ARGS)
@@ -54,7 +54,7 @@ bench: $(STAMP)  ## CPU latency/throughput/memory: PyTorch vs ONNX fp32 vs ONNX 
 	$(PY) -m kefu_triage.bench model_dir=$(MODEL_DIR) artifact_dir=$(ARTIFACT_DIR) output_dir=$(REPORT_DIR) $(ARGS)
 
 bench-train: $(STAMP)  ## training throughput and peak memory per encoder
-	$(PY) -m kefu_triage.bench_train $(ARGS)
+	$(PY) -m kefu_triage.bench.training $(ARGS)
 
 regress: $(STAMP)  ## compare REPORT_DIR/metrics.json with a baseline (BASELINE=...)
 	$(VENV)/bin/kefu-triage regress --baseline $(or $(BASELINE),tests/baselines/smoke_metrics.json) --current $(REPORT_DIR)/metrics.json

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import f1_score
 
-from kefu_triage.data import read_examples
-from kefu_triage.modeling import load_model, predict_logits
+from kefu_triage.data.records import read_examples
+from kefu_triage.model.multitask import load_model, predict_logits
 
 
 def main() -> None:

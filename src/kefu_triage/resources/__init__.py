@@ -1,0 +1,1 @@
+"""Package data: generator seeds and templates, and the Hydra config groups shipped with the wheel."""

@@ -1,0 +1,437 @@
+"""Fine-tuning loop (plain functions; ``kefu_triage.train`` is the thin Hydra entry point).
+
+accelerate handles devices, mixed precision, gradient accumulation and data-parallel runs
+(``accelerate launch --num_processes 2 --cpu -m kefu_triage.train ...`` on CPU with gloo).
+Batches are dynamically padded and grouped by length (customer messages are short).
+Ctrl-C / SIGTERM / ``trainer.stop_after_steps`` save a resumable checkpoint; ``trainer.resume=true``
+continues from it to the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import math
+import random
+import shutil
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from sklearn.metrics import f1_score, roc_auc_score
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from kefu_triage.core.fileio import atomic_directory, atomic_write_json, atomic_write_text
+from kefu_triage.core.taxonomy import Taxonomy, taxonomy_from_config
+from kefu_triage.data.records import load_split_records, summarize, to_dataset
+from kefu_triage.model.encoders import load_encoder
+from kefu_triage.model.multitask import KefuTriageConfig, KefuTriageModel, encode, predict_logits
+
+log = logging.getLogger(__name__)
+CHECKPOINT_DIR = "checkpoint"
+RNG_FILE = "rng_state.pt"
+STATE_FILE = "trainer_state.json"
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised after a resumable checkpoint was saved because of a signal or ``stop_after_steps``."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------
+def tokenize_split(records: list[dict[str, Any]], taxonomy: Taxonomy, tokenizer, context_turns: int, max_length: int):
+    """A ``datasets.Dataset`` of token ids + labels (unpadded; the collator pads per batch)."""
+    ds = to_dataset(records, taxonomy)
+
+    def tokenize(batch):
+        enc = encode(tokenizer, batch["text"], batch["context"], context_turns, max_length)
+        enc["length"] = [len(x) for x in enc["input_ids"]]
+        return enc
+
+    ds = ds.map(tokenize, batched=True, batch_size=512, desc="tokenize", load_from_cache_file=False)
+    ds = ds.rename_columns({"intent_id": "intent_labels", "urgent": "urgent_labels", "refund_recoverable": "refund_labels"})
+    keep = [c for c in ("input_ids", "attention_mask", "token_type_ids", "intent_labels", "urgent_labels",
+                        "refund_labels", "length") if c in ds.column_names]
+    return ds.select_columns(keep)
+
+
+class LengthGroupedSampler(Sampler[list[int]]):
+    """Batches of similar length: shuffle, cut into mega-batches, sort each by length, shuffle the batches.
+
+    Deterministic for a (seed, epoch) pair, which resume relies on. The epoch is set with ``use_epoch``, not
+    ``set_epoch``: accelerate calls ``set_epoch`` with its own iteration counter, which restarts at 0 for the
+    loader a resumed run builds.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, mega_batch_mult: int = 50):
+        self.lengths, self.batch_size, self.seed, self.mult = lengths, batch_size, seed, mega_batch_mult
+        self.epoch = 0
+
+    def use_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 1000 + self.epoch)
+        idx = list(range(len(self.lengths)))
+        rng.shuffle(idx)
+        mega = self.batch_size * self.mult
+        out: list[list[int]] = []
+        for s in range(0, len(idx), mega):
+            chunk = sorted(idx[s:s + mega], key=lambda i: self.lengths[i], reverse=True)
+            out.extend(chunk[b:b + self.batch_size] for b in range(0, len(chunk), self.batch_size))
+        rng.shuffle(out)
+        return out
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+
+def make_collator(tokenizer):
+    def collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        labels = {k: torch.tensor([f[k] for f in features]) for k in ("intent_labels", "urgent_labels", "refund_labels")}
+        inputs = [{k: f[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in f} for f in features]
+        batch = tokenizer.pad(inputs, return_tensors="pt")
+        return {**dict(batch), **labels}
+
+    return collate
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics used for model selection (the full report lives in kefu_triage.evaluate.metrics)
+# ---------------------------------------------------------------------------------------------------
+def dev_metrics(logits: dict[str, np.ndarray], records: list[dict[str, Any]], taxonomy: Taxonomy,
+                weights: dict[str, float]) -> dict[str, float]:
+    intent_true = np.array([taxonomy.intent_id(r["intent"]) for r in records])
+    intent_pred = logits["intent_logits"].argmax(1)
+    urgent_true = np.array([r["urgent"] for r in records])
+    urgent_pred = (logits["urgent_logit"] > 0).astype(int)
+    refund_mask = np.array([r["refund_recoverable"] is not None for r in records])
+    m = {
+        "intent_accuracy": float((intent_true == intent_pred).mean()),
+        "intent_macro_f1": float(f1_score(intent_true, intent_pred, average="macro",
+                                          labels=list(range(taxonomy.num_intents)), zero_division=0)),
+        "urgent_f1": float(f1_score(urgent_true, urgent_pred, zero_division=0)),
+        "urgent_auc": float(roc_auc_score(urgent_true, logits["urgent_logit"])) if len(set(urgent_true)) > 1 else 0.5,
+    }
+    if refund_mask.any():
+        rt = np.array([r["refund_recoverable"] for r in records])[refund_mask].astype(int)
+        rl = logits["refund_recoverable_logit"][refund_mask]
+        m["refund_f1"] = float(f1_score(rt, (rl > 0).astype(int), zero_division=0))
+        m["refund_auc"] = float(roc_auc_score(rt, rl)) if len(set(rt)) > 1 else 0.5
+    else:
+        m["refund_f1"] = m["refund_auc"] = 0.0
+    total = sum(weights.values())
+    m["score"] = float(sum(w * m[k] for k, w in weights.items()) / total)
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+def class_weights(records: list[dict[str, Any]], taxonomy: Taxonomy, power: float) -> list[float]:
+    """(N / count)^power per intent, normalised to mean 1; power 0 = unweighted, 0.5 = inverse sqrt."""
+    counts = Counter(r["intent"] for r in records)
+    raw = np.array([(len(records) / max(counts.get(n, 0), 1)) ** power for n in taxonomy.intent_names])
+    return (raw / raw.mean()).round(4).tolist()
+
+
+def build_model(cfg: DictConfig, taxonomy: Taxonomy, train_records: list[dict[str, Any]]):
+    encoder, tokenizer = load_encoder(cfg.model, cache_dir=cfg.paths.cache_dir)
+    urgent_rate = max(np.mean([r["urgent"] for r in train_records]), 1e-3)
+    refund = [r["refund_recoverable"] for r in train_records if r["refund_recoverable"] is not None]
+    refund_rate = float(np.mean(refund)) if refund else 0.5
+    m = cfg.trainer
+    config = KefuTriageConfig(
+        encoder_name=cfg.model.name,
+        intent_labels=taxonomy.intent_names,
+        intent_routes=taxonomy.routes,
+        taxonomy=taxonomy.to_dict(),
+        pooling=m.pooling,
+        head_dropout=m.head_dropout,
+        loss_weights=OmegaConf.to_container(m.loss_weights),
+        intent_class_weights=class_weights(train_records, taxonomy, m.class_weight_power),
+        # pos_weight^power balances positives vs negatives (power 0 = off)
+        urgent_pos_weight=float(((1 - urgent_rate) / urgent_rate) ** m.class_weight_power),
+        refund_pos_weight=float(((1 - refund_rate) / max(refund_rate, 1e-3)) ** m.class_weight_power),
+        focal_gamma=m.focal_gamma,
+        label_smoothing=m.label_smoothing,
+        context_turns=cfg.data.context_turns,
+        max_seq_length=cfg.model.max_length,
+    )
+    return KefuTriageModel.from_encoder(encoder, config), tokenizer
+
+
+class _StopFlag:
+    """Turns SIGTERM/SIGINT into a checkpoint at the next step boundary instead of a dead process."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # second signal: give up immediately
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+
+
+def _seed_everything(seed: int) -> None:
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+    torch.use_deterministic_algorithms(False)
+
+
+def find_resume_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to resume: trainer.resume_dir, or the newest run of this experiment that has one."""
+    if cfg.trainer.get("resume_dir"):
+        ckpt = Path(cfg.trainer.resume_dir)
+        ckpt = ckpt / CHECKPOINT_DIR if (ckpt / CHECKPOINT_DIR).is_dir() else ckpt
+        if not (ckpt / STATE_FILE).is_file():
+            raise FileNotFoundError(f"trainer.resume_dir={cfg.trainer.resume_dir}: no resumable checkpoint there")
+        return ckpt
+    runs = sorted(run_dir.parent.glob(f"*/{CHECKPOINT_DIR}/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
+    runs = [p for p in runs if p.parent.parent != run_dir] + [p for p in runs if p.parent.parent == run_dir]
+    return runs[-1].parent if runs else None
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train, keep the best dev checkpoint, save it into ``run_dir/model`` and publish to ``publish_dir``."""
+    from accelerate import Accelerator
+    from transformers import get_linear_schedule_with_warmup
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = cfg.trainer
+    _seed_everything(t.seed)
+    taxonomy = taxonomy_from_config(cfg.taxonomy)
+    splits = load_split_records(cfg.data, taxonomy)
+    if "train" not in splits or "dev" not in splits:
+        raise ValueError("data: both train_file and dev_file are needed for training")
+    train_records, dev_records = splits["train"], splits["dev"]
+
+    accelerator = Accelerator(
+        cpu=t.device == "cpu", mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum_steps
+    )
+    is_main = accelerator.is_main_process
+    model, tokenizer = build_model(cfg, taxonomy, train_records)
+    train_ds = tokenize_split(train_records, taxonomy, tokenizer, cfg.data.context_turns, cfg.model.max_length)
+    sampler = LengthGroupedSampler(train_ds["length"], cfg.model.batch_size, t.seed)
+    loader = DataLoader(train_ds.remove_columns("length"), batch_sampler=sampler, collate_fn=make_collator(tokenizer),
+                        num_workers=0)
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm", "ln")
+    params = [
+        {"params": [p for n, p in model.named_parameters() if not any(x in n for x in no_decay)],
+         "weight_decay": cfg.model.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if any(x in n for x in no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(params, lr=cfg.model.lr)
+    # accelerate's prepared scheduler advances num_processes times per optimizer step (each process sees
+    # 1/num_processes of the batches), so the schedule is laid out in single-process steps
+    total_steps = max(math.ceil(len(sampler) / t.grad_accum_steps) * t.max_epochs, 1)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.model.warmup_ratio * total_steps), total_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    # accelerate saves and restores these with the checkpoint (model, optimizer, scheduler, RNGs)
+
+    resume_rng = None
+    state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "best_score": -1.0, "best_epoch": -1,
+             "bad_epochs": 0, "epoch_loss_sum": 0.0, "epoch_batches": 0, "history": []}
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    resume_from = None
+    if t.resume:
+        resume_from = find_resume_dir(cfg, run_dir)
+        if resume_from is None:
+            print("trainer.resume=true but no checkpoint found: starting from scratch", file=sys.stderr)
+        else:
+            accelerator.load_state(str(resume_from / "accelerate"))
+            state = json.loads((resume_from / STATE_FILE).read_text())
+            resume_rng = torch.load(resume_from / RNG_FILE, weights_only=False)
+            if resume_from.parent != run_dir and (resume_from.parent / "best").is_dir():
+                shutil.copytree(resume_from.parent / "best", run_dir / "best", dirs_exist_ok=True)
+            print(f"resumed from {resume_from} at epoch {state['epoch']} batch {state['batch_in_epoch']}")
+
+    def save_checkpoint() -> None:
+        accelerator.wait_for_everyone()
+        if is_main:
+            with atomic_directory(ckpt_dir) as tmp:
+                accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True)
+                torch.save(_rng_state(), tmp / RNG_FILE)
+                atomic_write_json(tmp / STATE_FILE, state)
+        accelerator.wait_for_everyone()
+
+    def save_best() -> None:
+        if is_main:
+            with atomic_directory(run_dir / "best") as tmp:
+                accelerator.unwrap_model(model).save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+
+    started = time.time()
+    stop_after = t.get("stop_after_steps")
+    score_weights = OmegaConf.to_container(t.selection_weights)
+    with _StopFlag() as stop:
+        for epoch in range(state["epoch"], t.max_epochs):
+            sampler.use_epoch(epoch)
+            model.train()
+            skip = state["batch_in_epoch"]
+            epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+            iterator = iter(epoch_loader)
+            if resume_rng is not None:
+                # starting a DataLoader iteration draws from the torch RNG: restore the checkpoint's RNG after the
+                # first batch is fetched, so dropout continues exactly where the interrupted run stopped
+                first = next(iterator, None)
+                _set_rng_state(resume_rng)
+                resume_rng = None
+                iterator = itertools.chain([] if first is None else [first], iterator)
+            bar = tqdm(iterator, total=len(loader), initial=skip, desc=f"epoch {epoch + 1}/{t.max_epochs}",
+                       disable=not is_main or not t.progress_bar, dynamic_ncols=True)
+            seen, t0 = 0, time.time()
+            for batch in bar:
+                with accelerator.accumulate(model):
+                    out = model(**batch)
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                state["batch_in_epoch"] += 1
+                # the epoch's mean loss survives a resume: its running sum is part of the checkpoint state
+                state["epoch_loss_sum"] = state.get("epoch_loss_sum", 0.0) + out.loss.item()
+                state["epoch_batches"] = state.get("epoch_batches", 0) + 1
+                if accelerator.sync_gradients:
+                    state["global_step"] += 1
+                seen += batch["input_ids"].shape[0] * accelerator.num_processes
+                bar.set_postfix(loss=f"{out.loss.item():.3f}", ex_s=f"{seen / max(time.time() - t0, 1e-6):.0f}")
+                flag = accelerator.reduce(torch.tensor(float(stop.signal is not None)), "max").item() > 0
+                if flag or (stop_after and state["global_step"] >= stop_after):
+                    save_checkpoint()
+                    raise TrainingInterrupted(
+                        f"stopped at epoch {epoch + 1} batch {state['batch_in_epoch']}: checkpoint saved in {ckpt_dir}; "
+                        "continue with trainer.resume=true")
+                if t.checkpoint_every_steps and state["global_step"] % t.checkpoint_every_steps == 0 \
+                        and accelerator.sync_gradients:
+                    save_checkpoint()
+            # ---- end of epoch: dev metrics, best checkpoint, early stopping
+            dev = dev_metrics(predict_logits(accelerator.unwrap_model(model), tokenizer, dev_records,
+                                             batch_size=t.eval_batch_size), dev_records, taxonomy, score_weights)
+            loss_sum, batches = accelerator.reduce(
+                torch.tensor([state["epoch_loss_sum"], float(state["epoch_batches"])], dtype=torch.float64), "sum").tolist()
+            entry = {"epoch": epoch + 1, "global_step": state["global_step"],
+                     "train_loss": round(loss_sum / max(batches, 1.0), 4), "lr": float(f"{scheduler.get_last_lr()[0]:.4g}"),
+                     "examples_per_s": round(seen / max(time.time() - t0, 1e-6), 1),
+                     **{f"dev_{k}": round(v, 4) for k, v in dev.items()}}
+            state["history"].append(entry)
+            if is_main:
+                print(" ".join(f"{k}={v}" for k, v in entry.items()))
+                write_train_log(run_dir, state["history"])
+            if dev["score"] > state["best_score"] + t.early_stopping_min_delta:
+                state.update(best_score=dev["score"], best_epoch=epoch + 1, bad_epochs=0)
+                save_best()
+            else:
+                state["bad_epochs"] += 1
+            state.update(epoch=epoch + 1, batch_in_epoch=0, epoch_loss_sum=0.0, epoch_batches=0)
+            save_checkpoint()
+            if state["bad_epochs"] >= t.early_stopping_patience:
+                print(f"early stopping: no dev improvement for {state['bad_epochs']} epoch(s)")
+                break
+
+    summary = {"best_epoch": state["best_epoch"], "best_dev": state["history"][state["best_epoch"] - 1],
+               "epochs_run": len(state["history"]), "train_seconds": round(time.time() - started, 1)}
+    if is_main:
+        finalize_model_dir(cfg, run_dir, taxonomy, splits, state, summary)
+        if not t.get("keep_checkpoint", False):
+            # finished: the resumable state (weights + optimizer, ~3x the model) is no longer needed, including
+            # the interrupted run's checkpoint this run continued; the best weights live on in run_dir/model
+            consumed = [ckpt_dir, run_dir / "best"]
+            if resume_from is not None and resume_from.parent != run_dir and resume_from.name == CHECKPOINT_DIR:
+                consumed.append(resume_from)
+            for path in consumed:
+                shutil.rmtree(path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+LOG_COLUMNS = ("epoch", "global_step", "train_loss", "lr", "examples_per_s")
+
+
+def write_train_log(directory: Path, history: list[dict[str, Any]]) -> None:
+    """Per-epoch log as JSON lines (train_log.jsonl) and as a table (train_log.csv), both atomic."""
+    atomic_write_text(directory / "train_log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    columns = list(LOG_COLUMNS) + sorted({k for h in history for k in h} - set(LOG_COLUMNS))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(directory / "train_log.csv", buf.getvalue())
+
+
+def finalize_model_dir(cfg: DictConfig, run_dir: Path, taxonomy: Taxonomy, splits: dict[str, list[dict[str, Any]]],
+                       state: dict[str, Any], summary: dict[str, Any]) -> Path:
+    """run_dir/model = best weights + tokenizer + resolved config, label maps, train log, data summary;
+    then published atomically to ``trainer.publish_dir`` (models/<experiment>) when set."""
+    model_dir = run_dir / "model"
+    with atomic_directory(model_dir) as tmp:
+        for f in (run_dir / "best").iterdir():
+            shutil.copy2(f, tmp / f.name)
+        atomic_write_text(tmp / "train_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_json(tmp / "label_maps.json", {
+            "intent": taxonomy.id2intent, "intent_routes": dict(zip(taxonomy.intent_names, taxonomy.routes, strict=True)),
+            "urgent": {0: "not_urgent", 1: "urgent"}, "refund_recoverable": {0: "firm", 1: "recoverable"}})
+        write_train_log(tmp, state["history"])
+        atomic_write_json(tmp / "data_summary.json", {
+            "splits": {k: summarize(v) for k, v in splits.items()},
+            "files": {k: str(cfg.data.get(f"{k}_file")) for k in splits}, "training": summary})
+    publish = cfg.trainer.get("publish_dir")
+    if publish:
+        with atomic_directory(publish) as tmp:
+            shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+        print(f"model published to {publish}")
+    return model_dir
+
+
+def ensure_data(cfg: DictConfig) -> None:
+    """Generate the embedded dataset when its files are missing (so `make train` works on a fresh clone)."""
+    data = cfg.data
+    missing = [data.get(f"{s}_file") for s in ("train", "dev") if data.get(f"{s}_file") and
+               not Path(data.get(f"{s}_file")).is_file()]
+    if missing and data.get("generate_if_missing") and data.get("generator"):
+        from kefu_triage.data.embedded import prepare_data
+
+        print(f"data files missing ({', '.join(map(str, missing))}): generating the embedded dataset into {data.dir}")
+        prepare_data(cfg)
