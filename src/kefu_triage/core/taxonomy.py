@@ -13,7 +13,6 @@ from typing import Any
 from kefu_triage.core.resources import packaged_config
 
 ROUTES = ("bot", "human", "refund_triage")
-HEADS = ("intent", "urgent", "refund_recoverable")
 
 # Packaged copy of the contract, so the project never needs ../shared at run time.
 DEFAULT_TAXONOMY_PATH = packaged_config("taxonomy", "ecommerce_zh")

@@ -18,10 +18,11 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from kefu_triage.core.fileio import atomic_write_json, atomic_write_jsonl
+from kefu_triage.core.heads import probabilities
 from kefu_triage.core.policy import REASONS, Thresholds
 from kefu_triage.core.taxonomy import Taxonomy, taxonomy_from_config
 from kefu_triage.data.records import load_split_records, summarize
-from kefu_triage.evaluate.calibration import calibrate, probabilities
+from kefu_triage.evaluate.calibration import calibrate
 from kefu_triage.evaluate.metrics import (
     Gold,
     binary_metrics,

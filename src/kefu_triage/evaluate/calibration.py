@@ -1,7 +1,6 @@
 """Temperature scaling per head (fitted on dev) and expected calibration error.
 
-numpy + scipy only. ``probabilities`` is also what the runtime's probabilities mean: softmax/sigmoid of
-logits divided by the head's temperature.
+numpy + scipy only. What a temperature means at run time is :func:`kefu_triage.core.heads.probabilities`.
 """
 
 from __future__ import annotations
@@ -10,19 +9,7 @@ from typing import Any
 
 import numpy as np
 
-HEADS = ("intent", "urgent", "refund_recoverable")
-LOGIT_KEYS = {"intent": "intent_logits", "urgent": "urgent_logit", "refund_recoverable": "refund_recoverable_logit"}
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def sigmoid(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(np.asarray(logits, dtype=np.float64) / temperature, -50, 50)))
+from kefu_triage.core.heads import HEADS, LOGIT_KEYS, sigmoid, softmax
 
 
 def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float, multiclass: bool) -> float:
@@ -98,12 +85,3 @@ def calibrate(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> d
         ece[head] = {"before": expected_calibration_error(*before), "after": expected_calibration_error(*after)}
         curves[head] = {"before": reliability_curve(*before), "after": reliability_curve(*after)}
     return {"temperatures": temps, "ece": ece, "reliability": curves}
-
-
-def probabilities(logits: dict[str, np.ndarray], temperatures: dict[str, float]) -> dict[str, np.ndarray]:
-    """Calibrated head probabilities: intent [N, K], urgent [N], refund_recoverable [N]."""
-    return {
-        "intent": softmax(logits["intent_logits"], temperatures.get("intent", 1.0)),
-        "urgent": sigmoid(logits["urgent_logit"], temperatures.get("urgent", 1.0)),
-        "refund_recoverable": sigmoid(logits["refund_recoverable_logit"], temperatures.get("refund_recoverable", 1.0)),
-    }

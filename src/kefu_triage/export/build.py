@@ -23,14 +23,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kefu_triage import __version__
+from kefu_triage.core.artifact import MANIFEST, SCHEMA_VERSION
 from kefu_triage.core.fileio import atomic_directory, atomic_write_json, atomic_write_text, sha256_file
+from kefu_triage.core.heads import OUTPUT_NAMES, probabilities
 from kefu_triage.core.inputs import MAX_MESSAGE_CHARS, MAX_TURN_CHARS, ROLE_PREFIX
 from kefu_triage.core.policy import Thresholds, TriagePolicy
 from kefu_triage.data.records import read_examples
-from kefu_triage.evaluate.calibration import probabilities
 from kefu_triage.export.quantize import prepare_int8, quantize_prepared
 from kefu_triage.model.multitask import load_model, predict_logits
-from kefu_triage.runtime.model import MANIFEST, OUTPUT_NAMES, SCHEMA_VERSION, TriageModel
+from kefu_triage.runtime.model import TriageModel
 
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization",
              "FastGelu", "BiasGelu", "Gelu", "LayerNormalization", "SkipSimplifiedLayerNormalization")

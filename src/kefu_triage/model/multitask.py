@@ -22,9 +22,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from kefu_triage.core.heads import OUTPUT_NAMES
 from kefu_triage.core.inputs import build_input
-
-HEAD_OUTPUTS = ("intent_logits", "urgent_logit", "refund_recoverable_logit")
 
 
 class KefuTriageConfig(PretrainedConfig):
@@ -248,14 +247,14 @@ def predict_logits(model: KefuTriageModel, tokenizer, records: Sequence[dict[str
     model.eval()
     cfg = model.config
     order = sorted(range(len(records)), key=lambda i: len(records[i]["text"]))  # less padding
-    outs: dict[str, list[np.ndarray]] = {k: [] for k in HEAD_OUTPUTS}
+    outs: dict[str, list[np.ndarray]] = {k: [] for k in OUTPUT_NAMES}
     device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = encode(tokenizer, [records[i]["text"] for i in idx], [records[i].get("context") for i in idx],
                        cfg.context_turns, cfg.max_seq_length, padding=True, return_tensors="pt")
         out = model(**{k: v.to(device) for k, v in batch.items()})
-        for k in HEAD_OUTPUTS:
+        for k in OUTPUT_NAMES:
             outs[k].append(getattr(out, k).float().cpu().numpy())
     result = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in outs.items()}
     inverse = np.argsort(np.asarray(order, dtype=int))
