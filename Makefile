@@ -7,7 +7,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-train-dev
 EXPERIMENT ?= default
-MODEL_DIR ?= models/$(EXPERIMENT)
+TEACHER_DIR ?= models/$(EXPERIMENT)
+# the shipped model is the distilled student of the trained teacher (docs/distillation.md)
+MODEL_DIR ?= models/$(EXPERIMENT)_student
 ARTIFACT_DIR ?= artifacts/$(EXPERIMENT)
 REPORT_DIR ?= reports/$(EXPERIMENT)
 ARGS ?=
@@ -20,7 +22,7 @@ export HF_EVALUATE_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONHASHSEED := 0
 
-.PHONY: help install all data train eval export bench bench-train regress test lint clean
+.PHONY: help install all data train distill eval export bench bench-train load-test regress test lint clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -31,12 +33,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	@# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[train,offline-encoder,dev]'
+	$(PY) -m pip install -q -e '.[train,offline-encoder,serve,scale,dev]'
 	@touch $@
 
 install: $(STAMP)  ## create .venv and install the project (train + dev extras)
 
-all: data train eval export bench  ## the whole default pipeline, offline: data -> train -> eval -> export -> bench
+all: data train distill eval export bench  ## the whole default pipeline, offline: data -> train -> distill -> eval -> export -> bench
 
 data: $(STAMP)  ## generate the embedded dataset: data/embedded/{train,dev,test}.jsonl + stats
 	$(PY) -m kefu_triage.data $(ARGS)
@@ -44,17 +46,23 @@ data: $(STAMP)  ## generate the embedded dataset: data/embedded/{train,dev,test}
 train: $(STAMP)  ## fine-tune the default experiment (EXPERIMENT=smoke for a one-minute run)
 	$(PY) -m kefu_triage.train experiment=$(EXPERIMENT) $(ARGS)
 
+distill: $(STAMP)  ## distil the trained model (TEACHER_DIR) into a 4-layer student (MODEL_DIR)
+	$(PY) -m kefu_triage.train.distill experiment=$(EXPERIMENT) distill.teacher_dir=$(TEACHER_DIR) distill.publish_dir=$(MODEL_DIR) $(ARGS)
+
 eval: $(STAMP)  ## evaluate MODEL_DIR on the test split, tune the triage policy, write reports
 	$(PY) -m kefu_triage.evaluate model_dir=$(MODEL_DIR) output_dir=$(REPORT_DIR) $(ARGS)
 
 export: $(STAMP)  ## export MODEL_DIR to the ONNX artifact in ARTIFACT_DIR (parity-gated)
 	$(PY) -m kefu_triage.export model_dir=$(MODEL_DIR) output_dir=$(ARTIFACT_DIR) $(ARGS)
 
-bench: $(STAMP)  ## CPU latency/throughput/memory: PyTorch vs ONNX fp32 vs ONNX int8
-	$(PY) -m kefu_triage.bench model_dir=$(MODEL_DIR) artifact_dir=$(ARTIFACT_DIR) output_dir=$(REPORT_DIR) $(ARGS)
+bench: $(STAMP)  ## CPU latency/throughput/memory: teacher PyTorch/ONNX vs student ONNX fp32/int8
+	$(PY) -m kefu_triage.bench model_dir=$(MODEL_DIR) teacher_model_dir=$(TEACHER_DIR) artifact_dir=$(ARTIFACT_DIR) output_dir=$(REPORT_DIR) $(ARGS)
 
 bench-train: $(STAMP)  ## training throughput and peak memory per encoder
 	$(PY) -m kefu_triage.bench.training $(ARGS)
+
+load-test: $(STAMP)  ## HTTP server under 1/8/32/64 concurrent clients on loopback (vs --max-batch 1)
+	$(PY) -m kefu_triage.bench.load --artifact $(ARTIFACT_DIR) --output $(REPORT_DIR)/load.json $(ARGS)
 
 regress: $(STAMP)  ## compare REPORT_DIR/metrics.json with a baseline (BASELINE=...)
 	$(VENV)/bin/kefu-triage regress --baseline $(or $(BASELINE),tests/baselines/smoke_metrics.json) --current $(REPORT_DIR)/metrics.json

@@ -66,3 +66,48 @@ def test_shape_errors():
 def test_empty_batch():
     d = TriagePolicy(ROUTES, T).decide(np.zeros((0, 3)), np.zeros(0), np.zeros(0))
     assert len(d.route) == 0
+
+
+# ---- novelty gate ("unfamiliar") -------------------------------------------------------------------------
+TN = Thresholds(urgent=0.5, recoverable=0.6, confidence=0.5, margin=0.1, novelty=0.9)
+
+
+def decide_novel(intent, urgent, refund, novelty, thresholds=TN):
+    d = TriagePolicy(ROUTES, thresholds).decide(np.array([intent]), np.array([urgent]), np.array([refund]),
+                                                np.array([novelty]))
+    return d.route[0], d.reason[0]
+
+
+@pytest.mark.parametrize(
+    "intent,urgent,refund,novelty,expected",
+    [
+        ([0.9, 0.05, 0.05], 0.1, np.nan, 0.95, ("human", "unfamiliar")),
+        ([0.9, 0.05, 0.05], 0.1, np.nan, 0.9, ("bot", "bot_intent")),  # novelty == τ is familiar enough
+        ([0.9, 0.05, 0.05], 0.1, np.nan, np.nan, ("bot", "bot_intent")),  # no novelty score: no gate
+        # precedence: urgent > human_intent > recoverable_refund > unfamiliar > low_confidence
+        ([0.45, 0.3, 0.25], 0.1, np.nan, 0.99, ("human", "unfamiliar")),
+        ([0.05, 0.05, 0.9], 0.1, 0.8, 0.99, ("human", "recoverable_refund")),
+        ([0.05, 0.9, 0.05], 0.1, np.nan, 0.99, ("human", "human_intent")),
+        ([0.9, 0.05, 0.05], 0.9, np.nan, 0.99, ("human", "urgent")),
+    ],
+)
+def test_unfamiliar_reason_and_precedence(intent, urgent, refund, novelty, expected):
+    assert decide_novel(intent, urgent, refund, novelty) == expected
+
+
+def test_default_novelty_threshold_never_fires():
+    assert decide_novel([0.9, 0.05, 0.05], 0.1, np.nan, 0.999999, Thresholds()) == ("bot", "bot_intent")
+
+
+def test_decisions_carry_the_scores():
+    d = TriagePolicy(ROUTES, TN).decide(np.array([[0.6, 0.3, 0.1]]), np.array([0.2]), np.array([np.nan]),
+                                        np.array([0.4]))
+    assert d.intent_prob[0] == pytest.approx(0.6) and d.margin[0] == pytest.approx(0.3)
+    assert d.novelty[0] == pytest.approx(0.4)
+
+
+def test_novelty_validation():
+    with pytest.raises(PolicyError, match="novelty"):
+        Thresholds.from_mapping({"novelty": 1.5})
+    with pytest.raises(PolicyError, match="novelty has 1 values for 2"):
+        TriagePolicy(ROUTES, TN).decide(np.full((2, 3), 1 / 3), np.zeros(2), np.zeros(2), np.zeros(1))

@@ -46,10 +46,12 @@ def test_make_data_writes_splits_and_stats_deterministically(tmp_path):
     assert stats["split_check"]["leakage"] == {"train->dev": 0, "train->test": 0, "dev->test": 0}
     md = (out / "stats.md").read_text(encoding="utf-8")
     assert "| logistics | bot |" in md and "| urgent rate |" in md and "seed / template groups" in md
+    assert "| dialogue rows |" in md and stats["generator"]["dialogue_share"] == 0.2
+    assert stats["generator"]["report"]["dialogue_rows"]["train"] == stats["splits"]["train"]["sources"]["dialogue"] > 0
 
 
 def _fake_generator(bad=None, leak=False):
-    def generate(seed, size, dev_fraction, test_fraction, taxonomy):
+    def generate(seed, size, dev_fraction, test_fraction, taxonomy, **options):
         row = {"context": [], "intent": "logistics", "urgent": 0, "refund_recoverable": None, "source": "template"}
         out = {s: [{**row, "id": f"{s}-{i}", "text": f"{s} 快递到哪了 {i}", "group_id": f"tpl:{s}:{i % 2}"}
                    for i in range(3)] for s in ("train", "dev", "test")}

@@ -1,5 +1,6 @@
 import json
 import random
+import shutil
 from collections import Counter
 
 import pytest
@@ -7,10 +8,15 @@ import pytest
 from kefu_triage.core.inputs import clean_text
 from kefu_triage.core.taxonomy import load_taxonomy
 from kefu_triage.data.generator import (
+    DIALOGUE_FILE,
+    DIALOGUE_SOURCES,
     SPLITS,
+    TEMPLATE_DIR,
+    Dialogue,
     GeneratorError,
     add_noise,
     assign_unit,
+    dialogue_context,
     generate_splits,
     group_splits,
     load_resources,
@@ -19,7 +25,7 @@ from kefu_triage.data.generator import (
     protected_mask,
     split_of_group,
 )
-from kefu_triage.data.records import validate_records
+from kefu_triage.data.records import validate_examples, validate_records
 
 TAX = load_taxonomy()
 
@@ -146,7 +152,7 @@ def test_labels_valid_against_the_packaged_taxonomy(generated):
             else:
                 assert r["refund_recoverable"] is None, r
             assert all(t["role"] in ("customer", "agent") and t["text"] for t in r["context"])
-            assert r["text"].strip() and r["source"] in ("seed", "seed_variant", "template")
+            assert r["text"].strip() and r["source"] in ("seed", "seed_variant", "template", *DIALOGUE_SOURCES)
         rows = [(i + 1, r, None) for i, r in enumerate(generated[split])]
         assert len(validate_records(rows, TAX, split)) == len(rows)  # the data contract's own validator
         refunds = Counter(r["refund_recoverable"] for r in generated[split] if r["intent"] in refund_intents)
@@ -239,6 +245,131 @@ def test_assign_unit_stratifies_and_respects_fractions():
         assert 8 <= per["dev"] <= 12 and 3 <= per["test"] <= 7
     three = assign_unit({0: ["a", "b", "c"]}, random.Random(0), 0.15, 0.15)
     assert sorted(three.values()) == ["dev", "test", "train"]
+
+
+# ---- dialogue snippets: context decides the intent (or, for topic switches, does not) -----------------------------
+def _dialogue_rows(data, split, source="dialogue"):
+    return [r for r in data[split] if r["source"] == source]
+
+
+def test_dialogue_rows_have_one_to_four_previous_turns_and_valid_labels(generated):
+    res = load_resources()
+    families = {d.group_id: d for d in res.dialogues}
+    for split in SPLITS:
+        rows = _dialogue_rows(generated, split)
+        assert rows, split
+        assert len(validate_examples(rows, TAX, f"dialogue {split}")) == len(rows)
+        for r in rows:
+            assert 1 <= len(r["context"]) <= 4, r
+            assert all(t["role"] in ("customer", "agent") and t["text"].strip() for t in r["context"]), r
+            family = families[r["group_id"]]  # a dialogue family's group, with the family's labels
+            assert (r["intent"], r["urgent"], r["refund_recoverable"]) == (family.intent, family.urgent, family.refund)
+        switches = _dialogue_rows(generated, split, "dialogue_switch")
+        assert switches, split
+        templates = {t.group_id: t for t in res.templates}
+        for r in switches:  # a message that stands alone: a template without fixed previous turns
+            assert 1 <= len(r["context"]) <= 4 and r["group_id"] in templates, r
+            assert not templates[r["group_id"]].context and templates[r["group_id"]].intent == r["intent"]
+        # many intents: the model cannot learn "has context -> one intent"
+        assert len({r["intent"] for r in rows}) >= 10, split
+        assert len({len(r["context"]) for r in rows}) == 4, split
+
+
+def test_dialogue_families_never_cross_splits(generated, tmp_path):
+    assignment = group_splits(seed=3)
+    groups = {s: {r["group_id"] for r in _dialogue_rows(generated, s)} for s in SPLITS}
+    assert all(g.startswith("dlg:") for s in SPLITS for g in groups[s])
+    assert not groups["train"] & groups["dev"] and not groups["train"] & groups["test"]
+    assert not groups["dev"] & groups["test"]
+    for split in SPLITS:
+        assert {assignment[g] for g in groups[split]} == {split}
+        assert generated["stats"]["dialogue_groups"][split] == len(groups[split])
+    dlg = [g for g in assignment if g.startswith("dlg:")]
+    assert split_of_group(sorted(dlg)[0], seed=3) == assignment[sorted(dlg)[0]]
+    # families get their own stream: seed and template groups are assigned as without dialogues
+    shutil.copytree(TEMPLATE_DIR, tmp_path / "t", ignore=shutil.ignore_patterns(DIALOGUE_FILE))
+    without = group_splits(seed=3, template_dir=tmp_path / "t")
+    assert not any(g.startswith("dlg:") for g in without)
+    assert {g: s for g, s in assignment.items() if not g.startswith("dlg:")} == without
+
+
+def test_dialogue_share_is_respected_and_reported():
+    for share in (0.0, 0.3):
+        data = generate_splits(seed=2, size=2000, dialogue_share=share)
+        stats = data["stats"]
+        for split in SPLITS:
+            n = len(data[split])
+            dialogue = len(_dialogue_rows(data, split)) + len(_dialogue_rows(data, split, "dialogue_switch"))
+            assert dialogue == round(share * n), (share, split)
+            assert stats["dialogue_rows"][split] == len(_dialogue_rows(data, split))
+            assert stats["dialogue_switch_rows"][split] == len(_dialogue_rows(data, split, "dialogue_switch"))
+            assert stats["shortfall"][split] == 0
+    with pytest.raises(GeneratorError, match="dialogue_share"):
+        generate_splits(seed=0, size=100, dialogue_share=1.0)
+
+
+def test_dialogue_generation_is_deterministic_and_seed_dependent(generated):
+    again = generate_splits(seed=3, size=4000)
+    assert _dialogue_rows(again, "train") == _dialogue_rows(generated, "train")
+    other = generate_splits(seed=4, size=4000)
+    assert _dialogue_rows(other, "train") != _dialogue_rows(generated, "train")
+
+
+@pytest.mark.parametrize("lead", ["agent", "customer"])
+def test_dialogue_context_keeps_the_deciding_turn_within_n_turns(lead):
+    settings = load_resources().dialogue_settings
+    family = Dialogue("product_inquiry", "x", 0, None, lead, ("这款还有货吗",), ("亲 您要什么颜色呢",), ("米白的呢",))
+    rng = random.Random(0)
+    for n in (1, 2, 3, 4):
+        for _ in range(40):
+            turns = dialogue_context(family, settings, rng, n)
+            assert 1 <= len(turns) <= n
+            deciding = {"role": "agent", "text": "亲 您要什么颜色呢"} if lead == "agent" else \
+                {"role": "customer", "text": "这款还有货吗"}
+            assert deciding in turns, (n, turns)
+            if lead == "agent" and n == 1:
+                assert turns == [deciding]
+
+
+MINI_DIALOGUES = {
+    "fillers": {"agent_hello": ["您好"], "customer_hello": ["在吗"], "agent_wait": ["亲 稍等"],
+                "customer_ack": ["好的"], "agent_ack": ["好的呢"], "cards": ["[链接x]"]},
+    "families": {"logistics": [{"id": f"d{i}", "u": 0, "lead": "agent", "c": [f"快递呢{i}"], "a": [f"亲 订单号是多少{i}"],
+                                "t": [f"[订单x] 第{i}单"]} for i in range(3)]},
+}
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"families": {"logistics": [{"id": "d", "u": 0, "lead": "nobody", "a": ["x"], "t": ["y"]}]}}, r"lead must be"),
+    ({"families": {"logistics": [{"id": "d", "u": 0, "lead": "customer", "a": ["x"], "t": ["y"]}]}}, r"lead must be"),
+    ({"families": {"logistics": [{"id": "d", "u": 0, "r": 1, "lead": "agent", "a": ["x"], "t": ["y"]}]}},
+     r"dialogues.yaml: logistics\[0\] \(id d\): r"),
+    ({"families": {"logistics": [{"id": "d", "u": 0, "lead": "agent", "a": ["{nope}"], "t": ["y"]}]}},
+     r"unknown slot \{nope\}"),
+    ({"families": {"logistics": [{"id": "d", "u": 0, "lead": "agent", "a": ["x"], "t": []}]}}, r"t: must be"),
+    ({"fillers": {"agent_hello": ["您好"]}}, r"fillers.customer_hello"),
+    ({"slots": {"product": ["x"]}}, r"already defined"),
+])
+def test_broken_dialogues_name_file_and_entry(tmp_path, bad, match):
+    paths = _write(tmp_path)
+    (paths["template_dir"] / "dialogues.yaml").write_text(json.dumps({**MINI_DIALOGUES, **bad}, ensure_ascii=False),
+                                                          encoding="utf-8")
+    with pytest.raises(GeneratorError, match=match):
+        generate_splits(seed=0, size=100, **paths)
+
+
+def test_small_dialogue_resources_reach_every_split(tmp_path):
+    paths = _write(tmp_path)
+    (paths["template_dir"] / "dialogues.yaml").write_text(json.dumps(MINI_DIALOGUES, ensure_ascii=False),
+                                                          encoding="utf-8")
+    data = generate_splits(seed=1, size=500, dialogue_share=0.2, **paths)
+    for split in SPLITS:
+        rows = _dialogue_rows(data, split)
+        assert rows and {r["intent"] for r in rows} == {"logistics"}, split
+        assert len({r["group_id"] for r in rows}) == 1  # three families: one per split
+    (tmp_path / "plain").mkdir()
+    no_dialogues = generate_splits(seed=1, size=500, **_write(tmp_path / "plain"))
+    assert not any(r["source"] in DIALOGUE_SOURCES for s in SPLITS for r in no_dialogues[s])
 
 
 # ---- bad resources fail clearly ----------------------------------------------------------------------------------

@@ -52,7 +52,6 @@ def test_bom_and_accepted_label_spellings():
         ("urgent_out_of_range.jsonl", 1, "urgent: must be 0 or 1, got 2"),
         ("refund_out_of_range.jsonl", 1, "refund_recoverable: must be 0, 1 or null, got 5"),
         ("refund_on_non_refund.jsonl", 1, "refund_recoverable: must be null for intent 'logistics'"),
-        ("refund_missing.jsonl", 1, "refund_recoverable: missing; intent 'return_refund' routes to refund_triage"),
         ("invalid_json.jsonl", 2, "json: invalid JSON"),
         ("not_an_object.jsonl", 1, "record: must be a JSON object, got list"),
         ("bad_context.jsonl", 1, "context: turn 0: role must be 'customer' or 'agent', got 'boss'"),
@@ -64,7 +63,7 @@ def test_bom_and_accepted_label_spellings():
         ("ragged.csv", 3, "columns: 5 cells but the header has 4"),
         ("unterminated_quote.csv", 2, "csv: unexpected end of data"),
         ("wrong_encoding.csv", 3, "encoding: not valid UTF-8"),
-        ("missing_column.csv", 1, "columns: missing 'urgent'"),
+        ("missing_column.csv", 1, "columns: missing 'intent'"),
     ],
 )
 def test_each_problem_names_file_line_and_field(name, line, match):
@@ -147,9 +146,11 @@ def test_parquet_loads_like_jsonl_and_bad_parquet_is_named(tmp_path):
     rows = read_examples(tmp_path / "d.parquet", TAX)
     assert [r["refund_recoverable"] for r in rows] == [None, 0, None]
     assert rows[2]["context"] == [{"role": "agent", "text": "您好"}] and rows[0]["context"] == []
-    pq.write_table(table.drop(["urgent"]), tmp_path / "no_urgent.parquet")
-    with pytest.raises(DataValidationError, match="columns: missing 'urgent'"):
-        read_examples(tmp_path / "no_urgent.parquet", TAX)
+    pq.write_table(table.drop(["urgent"]), tmp_path / "no_urgent.parquet")  # urgent unknown on every row
+    assert [r["urgent"] for r in read_examples(tmp_path / "no_urgent.parquet", TAX)] == [None, None, None]
+    pq.write_table(table.drop(["intent"]), tmp_path / "no_intent.parquet")
+    with pytest.raises(DataValidationError, match="columns: missing 'intent'"):
+        read_examples(tmp_path / "no_intent.parquet", TAX)
     pq.write_table(table.set_column(2, "urgent", pa.array([0, 5, 0])), tmp_path / "bad.parquet")
     with pytest.raises(DataValidationError, match=r"bad.parquet:2: urgent: must be 0 or 1, got 5"):
         read_examples(tmp_path / "bad.parquet", TAX)
@@ -164,8 +165,9 @@ def test_labels_follow_a_user_taxonomy(tmp_path):
     mine = load_taxonomy(tax)
     ok = validate_examples([{"text": "退钱", "intent": "money_back", "urgent": 0, "refund_recoverable": 1}], mine)
     assert ok[0]["refund_recoverable"] == 1
-    with pytest.raises(DataValidationError, match=r"mem:1: refund_recoverable: missing; intent 'money_back'"):
-        validate_examples([{"text": "退钱", "intent": "money_back", "urgent": 0}], mine, "mem")
+    assert validate_examples([{"text": "退钱", "intent": "money_back", "urgent": 0}], mine)[0]["refund_recoverable"] is None
+    with pytest.raises(DataValidationError, match=r"mem:1: refund_recoverable: must be null for intent 'ask'"):
+        validate_examples([{"text": "在吗", "intent": "ask", "urgent": 0, "refund_recoverable": 0}], mine, "mem")
 
 
 def test_duplicates_conflicts_and_leakage_are_reported():
@@ -227,12 +229,12 @@ def test_load_splits_config_errors_name_the_setting(tmp_path):
 
 def test_drop_invalid_through_the_data_config_writes_dropped_split_logs(tmp_path):
     mixed = tmp_path / "train.jsonl"
-    mixed.write_text((FIX / "good.jsonl").read_text() + (FIX / "refund_missing.jsonl").read_text(), encoding="utf-8")
+    mixed.write_text((FIX / "good.jsonl").read_text() + (FIX / "refund_on_non_refund.jsonl").read_text(), encoding="utf-8")
     dev = str(_jsonl(tmp_path / "dev.jsonl", [{**GOOD_ROW, "text": "还没发货吗"}]))
     cfg = {"train_file": str(mixed), "dev_file": dev, "drop_invalid": True, "log_dir": str(tmp_path / "logs")}
     assert len(load_splits(cfg, TAX)["train"]) == 3
     dropped = [json.loads(x) for x in (tmp_path / "logs" / "dropped_train.jsonl").read_text().splitlines()]
-    assert dropped[0]["line"] == 4 and "refund_recoverable: missing" in dropped[0]["problems"][0]
+    assert dropped[0]["line"] == 4 and "refund_recoverable: must be null" in dropped[0]["problems"][0]
     assert not (tmp_path / "logs" / "dropped_dev.jsonl").exists()
 
 
@@ -249,3 +251,50 @@ def test_validate_cli_exit_codes_and_output(tmp_path, capsys):
     assert "1 of 2 file(s) invalid" in captured.out
     assert cli_main(["validate", str(FIX / "good.jsonl"), "--taxonomy", str(tmp_path / "none.yaml")]) == 2
     assert "taxonomy file not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ partial labels
+def test_unknown_urgent_and_refund_labels_are_kept_as_none(tmp_path):
+    rows = read_examples(_jsonl(tmp_path / "partial.jsonl", [
+        {"text": "快递到哪了", "intent": "logistics"},  # no urgent, no refund column
+        {"text": "不想要了能退吗", "intent": "return_refund", "urgent": None, "refund_recoverable": None},
+        {"text": "东西坏了要退", "intent": "return_refund", "urgent": 1},
+        {"text": "在吗", "intent": "greeting", "urgent": 0, "refund_recoverable": None, "difficulty": "easy"},
+    ]), TAX)
+    assert [r["urgent"] for r in rows] == [None, None, 1, 0]
+    assert [r["refund_recoverable"] for r in rows] == [None, None, None, None]
+    assert rows[3]["difficulty"] == "easy"
+    assert read_examples(FIX / "refund_missing.jsonl", TAX)[0]["refund_recoverable"] is None
+
+
+def test_partial_label_csv_without_an_urgent_column(tmp_path):
+    path = tmp_path / "intent_only.csv"
+    path.write_text("text,intent\n快递到哪了,logistics\n想退货,return_refund\n", encoding="utf-8")
+    rows = read_examples(path, TAX)
+    assert [(r["intent"], r["urgent"], r["refund_recoverable"]) for r in rows] == [
+        ("logistics", None, None), ("return_refund", None, None)]
+
+
+@pytest.mark.parametrize("row,match", [
+    ({"text": "退款", "intent": "logistics", "refund_recoverable": 0}, "refund_recoverable: must be null for intent"),
+    ({"text": "退款", "intent": "return_refund", "urgent": 2}, "urgent: must be 0 or 1, got 2"),
+    ({"text": "退款", "intent": "return_refund", "urgent": "maybe"}, "urgent: must be 0 or 1, got 'maybe'"),
+    ({"text": "退款", "intent": "return_refund", "refund_recoverable": 3}, "refund_recoverable: must be 0, 1 or null"),
+])
+def test_partial_labels_that_contradict_the_contract_are_still_errors(row, match):
+    with pytest.raises(DataValidationError, match=match):
+        validate_examples([row], TAX)
+
+
+def test_unknown_labels_become_minus_one_in_the_dataset_and_count_in_the_summary(tmp_path):
+    from kefu_triage.data.records import summarize, to_dataset
+
+    rows = validate_examples([
+        {"text": "快递到哪了", "intent": "logistics"},
+        {"text": "想退货", "intent": "return_refund", "urgent": 1, "refund_recoverable": None},
+        {"text": "尺码小了想退", "intent": "return_refund", "urgent": 0, "refund_recoverable": 1},
+    ], TAX)
+    ds = to_dataset(rows, TAX)
+    assert ds["urgent"] == [-1, 1, 0] and ds["refund_recoverable"] == [-1, -1, 1]
+    s = summarize(rows)
+    assert s["urgent_labelled"] == 2 and s["urgent_rate"] == 0.5 and s["refund_recoverable"] == 1

@@ -1,7 +1,8 @@
 import numpy as np
 
 from kefu_triage.core.heads import probabilities, softmax
-from kefu_triage.evaluate.calibration import calibrate, expected_calibration_error, fit_temperature
+from kefu_triage.evaluate.calibration import calibrate, fit_temperature
+from kefu_triage.evaluate.metrics import expected_calibration_error
 
 
 def _overconfident(n=4000, k=5, true_t=3.0, seed=0):

@@ -51,6 +51,33 @@ def test_refund_loss_is_masked_not_a_fake_zero(model_and_tokenizer):
     assert with_label > base
 
 
+def test_unknown_urgent_label_is_masked(model_and_tokenizer):
+    """Partial labels: urgent -1 = unknown. That row's urgent label value cannot change the loss, its urgent
+    logit gets no gradient, and a batch with no urgent label at all leaves the urgent head untouched."""
+    model, tok = model_and_tokenizer
+    batch = _batch(tok)
+    intent = dict(intent_labels=torch.tensor([6, 10, 15, 9]), refund_labels=torch.full((4,), -1))
+    losses = []
+    for value in (-1, -1.0, -7):  # any negative value is "unknown"
+        out = model(**batch, **intent, urgent_labels=torch.tensor([0, value, 1, 0]).long())
+        losses.append(out.loss)
+    known_only = model(**batch, **intent, urgent_labels=torch.tensor([0, 0, 1, 0])).loss
+    assert torch.isclose(losses[0], losses[1]) and torch.isclose(losses[0], losses[2])
+    assert not torch.isclose(losses[0], known_only)  # the masked row is out of the mean, not a fake 0
+
+    out = model(**batch, **intent, urgent_labels=torch.tensor([0, -1, 1, 0]))
+    out.urgent_logit.retain_grad()
+    out.loss.backward()
+    assert out.urgent_logit.grad[1] == 0 and torch.all(out.urgent_logit.grad[[0, 2, 3]] != 0)
+
+    model.zero_grad()
+    none = model(**batch, **intent, urgent_labels=torch.full((4,), -1))
+    none.loss.backward()
+    assert torch.isclose(none.loss, model(**batch, **intent).loss)
+    assert model.urgent_head.weight.grad is None or torch.all(model.urgent_head.weight.grad == 0)
+    model.zero_grad()
+
+
 def test_class_weights_change_the_intent_loss(model_and_tokenizer):
     model, tok = model_and_tokenizer
     batch = _batch(tok)

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from kefu_triage.runtime.model import ArtifactError, TriageModel
 
-FIELDS = {"intent", "intent_prob", "top_intents", "urgent_prob", "refund_recoverable_prob", "route", "reason"}
+FIELDS = {"intent", "intent_prob", "margin", "top_intents", "urgent_prob", "refund_recoverable_prob", "novelty", "route",
+          "reason"}
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,9 @@ HEADS = ("intent", "urgent", "refund_recoverable")
 # Output name of each head's logits, in the order the ONNX graph returns them.
 LOGIT_KEYS = {"intent": "intent_logits", "urgent": "urgent_logit", "refund_recoverable": "refund_recoverable_logit"}
 OUTPUT_NAMES = tuple(LOGIT_KEYS[h] for h in HEADS)
+# Extra graph output: the pooled encoder state the heads read (novelty scoring, kefu_triage.core.novelty).
+# Not in OUTPUT_NAMES: artifacts exported before it existed lack it, and consumers of the logits ignore it.
+POOLED_OUTPUT = "pooled"
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 
 # Reasons, in the order they take precedence when several apply.
-REASONS = ("urgent", "human_intent", "recoverable_refund", "low_confidence", "refund_self_service", "bot_intent")
-HUMAN_REASONS = frozenset({"urgent", "human_intent", "recoverable_refund", "low_confidence"})
+REASONS = ("urgent", "human_intent", "recoverable_refund", "unfamiliar", "low_confidence", "refund_self_service",
+           "bot_intent")
+HUMAN_REASONS = frozenset({"urgent", "human_intent", "recoverable_refund", "unfamiliar", "low_confidence"})
 
 
 class PolicyError(ValueError):
@@ -29,6 +30,9 @@ class Thresholds:
     recoverable: float = 0.5  # refund intent and recoverable probability >= this -> retention desk
     confidence: float = 0.5  # top intent probability < this -> human (reason "low_confidence")
     margin: float = 0.0  # top1 - top2 intent probability < this -> human (reason "low_confidence")
+    # novelty (kefu_triage.core.novelty: a quantile of held-out in-domain messages) > this -> human
+    # (reason "unfamiliar"); 1.0 never fires, so a policy without a tuned gate behaves as before
+    novelty: float = 1.0
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -56,10 +60,41 @@ class Decisions:
     route: np.ndarray  # "bot" / "human", dtype object
     reason: np.ndarray  # one of REASONS, dtype object
     intent_id: np.ndarray  # argmax intent, int
+    # the scores the rules compared with their thresholds (NaN novelty: no novelty score available)
+    intent_prob: np.ndarray | None = None
+    margin: np.ndarray | None = None
+    novelty: np.ndarray | None = None
 
     @property
     def to_human(self) -> np.ndarray:
         return self.route == "human"
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Per-message outcome of each policy rule (the confidence rule is left open so tuning can sweep it)."""
+
+    intent_id: np.ndarray  # argmax intent
+    top1: np.ndarray  # top intent probability
+    is_refund: np.ndarray  # predicted intent has route refund_triage
+    urgent: np.ndarray
+    human_intent: np.ndarray
+    recoverable: np.ndarray
+    unsure_margin: np.ndarray
+    margin: np.ndarray  # top1 - top2 intent probability
+    novelty: np.ndarray  # novelty in [0, 1], NaN where unknown (never "unfamiliar")
+    unfamiliar: np.ndarray  # novelty > τ_novelty
+
+    @property
+    def forced_human(self) -> np.ndarray:
+        """Rules that send a message to a person whatever the intent confidence."""
+        return self.urgent | self.human_intent | self.recoverable
+
+    def unsure(self, confidence: float) -> np.ndarray:
+        return (self.top1 < confidence) | self.unsure_margin
+
+    def novel(self, novelty: float) -> np.ndarray:
+        return np.nan_to_num(self.novelty, nan=0.0) > novelty
 
 
 class TriagePolicy:
@@ -78,8 +113,11 @@ class TriagePolicy:
     def from_taxonomy(cls, taxonomy: Any, thresholds: Thresholds) -> TriagePolicy:
         return cls(taxonomy.routes, thresholds)
 
-    def decide(self, intent_probs: np.ndarray, urgent_prob: np.ndarray, refund_prob: np.ndarray) -> Decisions:
-        """intent_probs [N, K]; urgent_prob and refund_prob [N] (refund_prob may hold NaN where undefined)."""
+    def rules(self, intent_probs: np.ndarray, urgent_prob: np.ndarray, refund_prob: np.ndarray,
+              novelty: np.ndarray | None = None) -> Rules:
+        """Which rule fires for each of N messages. intent_probs [N, K]; urgent_prob, refund_prob and novelty
+        [N] (refund_prob may hold NaN where undefined; novelty None or NaN where the model has no novelty
+        statistics). The one place the policy's rules are written."""
         intent_probs = np.asarray(intent_probs, dtype=np.float64)
         if intent_probs.ndim != 2 or intent_probs.shape[1] != len(self.intent_routes):
             raise PolicyError(
@@ -90,6 +128,9 @@ class TriagePolicy:
         refund_prob = np.asarray(refund_prob, dtype=np.float64).reshape(-1)
         if urgent_prob.shape[0] != n or refund_prob.shape[0] != n:
             raise PolicyError(f"head outputs disagree on batch size: {n}, {urgent_prob.shape[0]}, {refund_prob.shape[0]}")
+        novelty = np.full(n, np.nan) if novelty is None else np.asarray(novelty, dtype=np.float64).reshape(-1)
+        if novelty.shape[0] != n:
+            raise PolicyError(f"novelty has {novelty.shape[0]} values for {n} messages")
         t = self.thresholds
         intent_id = intent_probs.argmax(axis=1) if n else np.zeros(0, dtype=int)
         if intent_probs.shape[1] >= 2 and n:
@@ -98,17 +139,34 @@ class TriagePolicy:
         else:
             top1, margin = intent_probs.max(axis=1) if n else np.zeros(0), np.ones(n)
         route_of_intent = self.intent_routes[intent_id] if n else np.zeros(0, dtype=object)
-
-        is_urgent = urgent_prob >= t.urgent
-        is_human_intent = route_of_intent == "human"
         is_refund = route_of_intent == "refund_triage"
-        is_recoverable = is_refund & (np.nan_to_num(refund_prob, nan=0.0) >= t.recoverable)
-        is_unsure = (top1 < t.confidence) | (margin < t.margin)
+        return Rules(
+            intent_id=intent_id,
+            top1=top1,
+            is_refund=is_refund,
+            urgent=urgent_prob >= t.urgent,
+            human_intent=route_of_intent == "human",
+            recoverable=is_refund & (np.nan_to_num(refund_prob, nan=0.0) >= t.recoverable),
+            unsure_margin=margin < t.margin,
+            margin=margin,
+            novelty=novelty,
+            unfamiliar=np.nan_to_num(novelty, nan=0.0) > t.novelty,
+        )
 
-        reason = np.where(is_refund, "refund_self_service", "bot_intent").astype(object)
+    def decide(self, intent_probs: np.ndarray, urgent_prob: np.ndarray, refund_prob: np.ndarray,
+               novelty: np.ndarray | None = None) -> Decisions:
+        """Route and reason of N messages (see :meth:`rules` for the inputs)."""
+        r = self.rules(intent_probs, urgent_prob, refund_prob, novelty)
+        reason = np.where(r.is_refund, "refund_self_service", "bot_intent").astype(object)
         # Later assignments win, so apply from lowest to highest precedence.
-        for mask, name in ((is_unsure, "low_confidence"), (is_recoverable, "recoverable_refund"),
-                           (is_human_intent, "human_intent"), (is_urgent, "urgent")):
+        for mask, name in ((r.unsure(self.thresholds.confidence), "low_confidence"), (r.unfamiliar, "unfamiliar"),
+                           (r.recoverable, "recoverable_refund"), (r.human_intent, "human_intent"),
+                           (r.urgent, "urgent")):
             reason[mask] = name
         route = np.where(np.isin(reason, list(HUMAN_REASONS)), "human", "bot").astype(object)
-        return Decisions(route=route, reason=reason, intent_id=intent_id)
+        return Decisions(route=route, reason=reason, intent_id=r.intent_id, intent_prob=r.top1, margin=r.margin,
+                         novelty=r.novelty)
+
+    def decide_heads(self, probs: Mapping[str, np.ndarray]) -> Decisions:
+        """:meth:`decide` on a dict of head probabilities (kefu_triage.core.heads.probabilities)."""
+        return self.decide(probs["intent"], probs["urgent"], probs["refund_recoverable"], probs.get("novelty"))

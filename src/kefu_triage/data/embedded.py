@@ -31,7 +31,8 @@ def stats_markdown(stats: dict[str, Any], taxonomy: Taxonomy) -> str:
     g = stats["generator"]
     lines = ["# Embedded dataset statistics", "",
              f"`make data` (seed {g['seed']}, size {g['size']}, dev/test fraction {g['dev_fraction']}/"
-             f"{g['test_fraction']}, {len(stats['taxonomy']['intents'])} intents).", "",
+             f"{g['test_fraction']}, {len(stats['taxonomy']['intents'])} intents"
+             + (f", dialogue share {g['dialogue_share']}" if "dialogue_share" in g else "") + ").", "",
              "| | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
     rows = (("rows", "rows", lambda v: f"{v:,}"), ("urgent_rate", "urgent rate", _pct),
             ("refund_recoverable", "refund recoverable", str), ("refund_firm", "refund firm", str),
@@ -62,8 +63,10 @@ def prepare_data(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"prepare_data: data={cfg.data.get('name')} has no generator settings; `make data` "
                          "generates the embedded dataset (data=embedded)")
     taxonomy = taxonomy_from_config(cfg.taxonomy)
+    # optional generator settings pass through only when configured (older configs lack them)
+    options = {key: float(g[key]) for key in ("dialogue_share",) if g.get(key) is not None}
     generated = generate_splits(seed=int(g.seed), size=int(g.size), dev_fraction=float(g.dev_fraction),
-                                test_fraction=float(g.test_fraction), taxonomy=taxonomy)
+                                test_fraction=float(g.test_fraction), taxonomy=taxonomy, **options)
     # the validator user data goes through: a generator bug fails here, naming the split and row
     splits = {split: validate_examples(generated[split], taxonomy, f"generated {split}") for split in SPLITS}
     report = check_splits(splits)
@@ -79,7 +82,7 @@ def prepare_data(cfg: DictConfig) -> dict[str, Any]:
     stats = {
         "taxonomy": {"source": taxonomy.source, "intents": taxonomy.intent_names},
         "generator": {"seed": int(g.seed), "size": int(g.size), "dev_fraction": float(g.dev_fraction),
-                      "test_fraction": float(g.test_fraction), "report": gen_stats},
+                      "test_fraction": float(g.test_fraction), **options, "report": gen_stats},
         "splits": per_split,
         "split_check": {**report.to_dict(), "summary": report.summary()},
     }

@@ -4,9 +4,12 @@ Sources (shipped in the package, ``resources/``):
 - ``seed/<intent>.jsonl``: hand-written messages, each with a ``seed_id``;
 - ``templates/<intent>.yaml``: templates per intent (id, labels, surface forms with ``{slots}``, optional
   previous turns); every ``*.yaml`` there other than ``lexicon.yaml`` is read (one file or many);
-- ``templates/lexicon.yaml``: slot lexicons, affixes, urgency cues, previous turns, noise tables, the mix.
+- ``templates/lexicon.yaml``: slot lexicons, affixes, urgency cues, previous turns, noise tables, the mix;
+- ``templates/dialogues.yaml`` (optional): multi-turn dialogue families whose current turn is elliptical and
+  takes its intent from the previous turns, shared filler turns, and the share of topic-switch snippets.
 
-Splits measure generalisation: whole groups (a seed message, a template; the urgency cues too) go to one
+Splits measure generalisation: whole groups (a seed message, a template, a dialogue family; the urgency cues
+too) go to one
 split, stratified per intent and source by labels, so dev/test hold messages and phrasings never seen in
 training; a dev/test text whose normalised form occurs in an earlier split is dropped (seeds) or redrawn
 (templates), and counted. Deterministic for a seed: only ``random.Random`` instances, over sorted inputs.
@@ -34,10 +37,14 @@ RESOURCES = resource_path()
 SEED_DIR = RESOURCES / "seed"
 TEMPLATE_DIR = RESOURCES / "templates"
 LEXICON_FILE = "lexicon.yaml"
+DIALOGUE_FILE = "dialogues.yaml"
 SPLITS = ("train", "dev", "test")
 SLOT = re.compile(r"\{(\w+)\}")
 ROLES = ("customer", "agent")
 TEMPLATE_KEYS = {"id", "u", "r", "t", "c"}
+DIALOGUE_KEYS = {"id", "u", "r", "lead", "c", "a", "t"}
+FILLER_KEYS = ("agent_hello", "customer_hello", "agent_wait", "customer_ack", "agent_ack", "cards")
+DIALOGUE_SOURCES = ("dialogue", "dialogue_switch")
 LEXICON_REQUIRED = ("mix", "slots", "prefixes", "suffixes", "urgent_cues", "homophones", "traditional", "protected_terms")
 END_PUNCT = "？?！!。.~～ ，,"
 PUNCT_RUNS_CALM = ("？？", "???", "。。。", "...", "～～", "~~", "？？？", "？")
@@ -68,9 +75,30 @@ class Template:
 
 
 @dataclass(frozen=True)
+class Dialogue:
+    """A dialogue family: openers (customer), follow-ups (agent) and the elliptical replies they decide."""
+
+    intent: str
+    id: str
+    urgent: int
+    refund: int | None
+    lead: str  # "agent" | "customer": whose earlier turn decides the intent
+    openers: tuple[str, ...]
+    follow_ups: tuple[str, ...]
+    replies: tuple[str, ...]
+
+    @property
+    def group_id(self) -> str:
+        return f"dlg:{self.intent}:{self.id}"
+
+
+@dataclass(frozen=True)
 class Resources:
     templates: tuple[Template, ...]
     lexicon: dict[str, Any]
+    dialogues: tuple[Dialogue, ...] = ()
+    # fillers, switch_share, turn weights and ``lexicon``: lexicon.yaml plus the dialogue-only slots
+    dialogue_settings: dict[str, Any] | None = None
 
 
 def _load_yaml(path: Path) -> Any:
@@ -216,6 +244,90 @@ def _parse_templates(data: Any, path: Path, taxonomy: Taxonomy, lexicon: dict[st
     return out
 
 
+def _strings(value: Any, where: str, allow_empty: bool = False) -> tuple[str, ...]:
+    if value is None and allow_empty:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(x, (str, int)) and str(x).strip() for x in value) or (
+            not value and not allow_empty):
+        raise GeneratorError(f"{where}: must be a {'' if allow_empty else 'non-empty '}list of non-empty strings")
+    return tuple(str(x) for x in value)
+
+
+def _parse_dialogues(data: Any, path: Path, taxonomy: Taxonomy,
+                     lexicon: dict[str, Any]) -> tuple[tuple[Dialogue, ...], dict[str, Any]]:
+    """Dialogue families and settings of ``dialogues.yaml``; GeneratorError naming the file and entry."""
+    if not isinstance(data, dict) or not isinstance(data.get("families"), dict):
+        raise GeneratorError(f"{path}: must be a mapping with families (intent -> list of dialogue families)")
+    slots = data.get("slots") or {}
+    if not isinstance(slots, dict):
+        raise GeneratorError(f"{path}: slots must map slot names to lists of values")
+    clash = sorted(set(slots) & set(lexicon["slots"]))
+    if clash:
+        raise GeneratorError(f"{path}: slots {clash} are already defined in {LEXICON_FILE}")
+    dlex = {**lexicon, "slots": {**lexicon["slots"],
+                                 **{str(k): list(_strings(v, f"{path}: slots.{k}")) for k, v in slots.items()}}}
+    fillers = data.get("fillers")
+    if not isinstance(fillers, dict):
+        raise GeneratorError(f"{path}: fillers must be a mapping with {list(FILLER_KEYS)}")
+    fill_turns = {key: _strings(fillers.get(key), f"{path}: fillers.{key}") for key in FILLER_KEYS}
+    share = data.get("switch_share", 0.25)
+    if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 <= share <= 1:
+        raise GeneratorError(f"{path}: switch_share must be a number in [0, 1], got {share!r}")
+    turns = data.get("turns") or {1: 1}
+    if not isinstance(turns, dict) or not turns or any(
+            k not in (1, 2, 3, 4) or not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0
+            for k, w in turns.items()) or not sum(turns.values()):
+        raise GeneratorError(f"{path}: turns must map numbers of previous turns (1-4) to non-negative weights")
+    mix = data.get("mix") or {}
+    if not isinstance(mix, dict) or any(
+            k not in taxonomy.intent_names or not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0
+            for k, w in mix.items()):
+        raise GeneratorError(f"{path}: mix must map taxonomy intents to non-negative weights")
+    out, seen = [], set()
+    for intent, items in data["families"].items():
+        if intent not in taxonomy.intent_names:
+            raise GeneratorError(f"{path}: intent {intent!r} is not in the taxonomy ({taxonomy.source})")
+        if not isinstance(items, list):
+            raise GeneratorError(f"{path}: families.{intent} must be a list of dialogue families")
+        refund_intent = taxonomy.route_of(intent) == "refund_triage"
+        for i, item in enumerate(items):
+            where = f"{path}: {intent}[{i}]" + (f" (id {item.get('id')})" if isinstance(item, dict) else "")
+            if not isinstance(item, dict):
+                raise GeneratorError(f"{where}: a dialogue family must be a mapping with id, u, lead, t")
+            unknown = sorted(set(item) - DIALOGUE_KEYS)
+            if unknown:
+                raise GeneratorError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(DIALOGUE_KEYS)}")
+            if item.get("id") in (None, "") or (intent, str(item["id"])) in seen:
+                raise GeneratorError(f"{where}: missing or repeated id")
+            seen.add((intent, str(item["id"])))
+            if item.get("u") not in (0, 1) or isinstance(item.get("u"), bool):
+                raise GeneratorError(f"{where}: u (urgent) must be 0 or 1")
+            if refund_intent and (item.get("r") not in (0, 1) or isinstance(item.get("r"), bool)):
+                raise GeneratorError(f"{where}: r (refund_recoverable) must be 0 or 1 for {intent}")
+            if not refund_intent and item.get("r") is not None:
+                raise GeneratorError(f"{where}: r (refund_recoverable) is only allowed on refund_triage intents")
+            lead = item.get("lead")
+            openers = _strings(item.get("c"), f"{where}: c", allow_empty=True)
+            follow_ups = _strings(item.get("a"), f"{where}: a", allow_empty=True)
+            if lead not in ROLES or not (openers if lead == "customer" else follow_ups):
+                raise GeneratorError(f"{where}: lead must be customer (needs c: openers) or agent (needs a: "
+                                     f"follow-ups), got {lead!r}")
+            replies = _strings(item.get("t"), f"{where}: t")
+            for text in openers + follow_ups + replies:
+                _check_slots(text, dlex, where)
+            out.append(Dialogue(intent, str(item["id"]), int(item["u"]), item.get("r") if refund_intent else None,
+                                lead, openers, follow_ups, replies))
+    for key, texts in fill_turns.items():
+        for text in texts:
+            _check_slots(text, dlex, f"{path}: fillers.{key}")
+    for values in dlex["slots"].values():  # slot values may hold slots themselves ({title})
+        for value in values:
+            _check_slots(value, dlex, f"{path}: slot value {value!r}")
+    settings = {"fillers": fill_turns, "switch_share": float(share), "lexicon": dlex, "mix": dict(mix),
+                "turns": {int(k): float(w) for k, w in sorted(turns.items())}}
+    return tuple(out), settings
+
+
 @lru_cache(maxsize=8)
 def _load_resources_cached(template_dir: str, stamp: tuple, taxonomy_json: str) -> Resources:
     tdir = Path(template_dir)
@@ -223,7 +335,7 @@ def _load_resources_cached(template_dir: str, stamp: tuple, taxonomy_json: str) 
     lexicon = _check_lexicon(_load_yaml(tdir / LEXICON_FILE), tdir / LEXICON_FILE)
     templates: list[Template] = []
     for path in sorted(tdir.glob("*.yaml")):
-        if path.name != LEXICON_FILE:
+        if path.name not in (LEXICON_FILE, DIALOGUE_FILE):
             templates += _parse_templates(_load_yaml(path), path, taxonomy, lexicon)
     if not templates:
         raise GeneratorError(f"{tdir}: no templates (<intent>.yaml files next to {LEXICON_FILE})")
@@ -238,7 +350,10 @@ def _load_resources_cached(template_dir: str, stamp: tuple, taxonomy_json: str) 
             raise GeneratorError(f"{tdir / LEXICON_FILE}: {key} names intents not in the taxonomy: {unknown}")
     for text in lexicon["urgent_cues"] + lexicon["calm_cues"] + lexicon["agent_turns"] + lexicon["customer_turns"]:
         _check_slots(text, lexicon, f"{tdir / LEXICON_FILE}: {text!r}")
-    return Resources(tuple(templates), lexicon)
+    dialogues, settings = ((), None)
+    if (tdir / DIALOGUE_FILE).is_file():
+        dialogues, settings = _parse_dialogues(_load_yaml(tdir / DIALOGUE_FILE), tdir / DIALOGUE_FILE, taxonomy, lexicon)
+    return Resources(tuple(templates), lexicon, dialogues, settings)
 
 
 def load_resources(template_dir: str | Path | None = None, taxonomy: Taxonomy | None = None) -> Resources:
@@ -395,6 +510,95 @@ def neutral_context(lexicon: Mapping[str, Any], rng: random.Random) -> list[dict
 
 
 # ---------------------------------------------------------------------------------------------------
+# Dialogue snippets: the current turn takes its intent from the previous turns
+# ---------------------------------------------------------------------------------------------------
+def fill_nested(text: str, lexicon: Mapping[str, Any], rng: random.Random) -> str:
+    """:func:`fill`, repeated while slot values bring slots of their own ({title} -> {clothes})."""
+    for _ in range(3):
+        if not SLOT.search(text):
+            break
+        text = fill(text, lexicon, rng)
+    return text
+
+
+def dialogue_context(family: Dialogue, settings: Mapping[str, Any], rng: random.Random,
+                     n_turns: int | None = None) -> list[dict[str, str]]:
+    """``n_turns`` previous turns or fewer (oldest first; 1-4 drawn from the settings' weights when None) that hold
+    the family's deciding turn: its agent follow-up (lead agent) or its customer opener (lead customer).
+
+    Around it, as in real chats: the opener before an agent question (often), "亲 稍等 为您核实" and an
+    acknowledgement between opener and answer, a product or order card, greetings at the start."""
+    fillers, dlex = settings["fillers"], settings["lexicon"]
+    if n_turns is None:
+        n_turns = rng.choices(list(settings["turns"]), list(settings["turns"].values()))[0]
+
+    def turn(role: str, texts: tuple[str, ...]) -> dict[str, str]:
+        return {"role": role, "text": fill_nested(rng.choice(texts), dlex, rng)}
+
+    turns = []
+    if family.openers and (family.lead == "customer" or (n_turns > 1 and rng.random() < 0.7)):
+        turns.append(turn("customer", family.openers))
+    if family.lead == "agent" or (n_turns > 1 and family.follow_ups and rng.random() < 0.75):
+        turns.append(turn("agent", family.follow_ups))
+    elif n_turns > 1 and rng.random() < 0.4:  # customer-led, not answered yet: the agent only asked to wait
+        turns.append(turn("agent", fillers["agent_wait"]))
+    opener = bool(family.openers) and turns[0]["role"] == "customer"
+    pads = ["wait", "card", "hello"] if opener and len(turns) == 2 else ["card", "hello"]
+    n_hello = 0  # greetings stay first, a card goes after them
+    while len(turns) < n_turns and pads:
+        pad = rng.choice(pads)
+        pads.remove(pad)
+        if pad == "wait":  # between the opener and the answer: the deciding turn moves further back
+            extra = [turn("agent", fillers["agent_wait"])]
+            if len(turns) + 2 <= n_turns and rng.random() < 0.5:
+                extra.append(turn("customer", fillers["customer_ack"]))
+            turns[1:1] = extra
+        elif pad == "card":
+            turns.insert(n_hello, turn("customer", fillers["cards"]))
+        else:
+            hello = [turn("agent", fillers["agent_hello"])]
+            if len(turns) + 2 <= n_turns and rng.random() < 0.6:
+                hello.insert(0, turn("customer", fillers["customer_hello"]))
+            turns[:0] = hello
+            n_hello = len(hello)
+    return turns[-4:]
+
+
+def _dialogue_row(family: Dialogue, settings: Mapping[str, Any], lex: Mapping[str, Any], rng: random.Random,
+                  noise_rate: float, affix_rate: float) -> dict[str, Any]:
+    """An elliptical current turn of ``family`` after 1-4 previous turns that decide its intent."""
+    context = dialogue_context(family, settings, rng)
+    urgent = bool(family.urgent)
+    text = fill_nested(rng.choice(family.replies), settings["lexicon"], rng)
+    # fewer affixes than templates: short replies in real chats rarely carry a greeting
+    text = add_noise(decorate(text, lex, rng, affix_rate / 2, urgent), lex, rng, noise_rate, urgent)
+    return _record(text, context, family.intent, family.urgent, family.refund, family.group_id, "dialogue")
+
+
+def _switch_row(intent: str, split: str, families: list[Dialogue], alone: Mapping[tuple[str, str], list[Template]],
+                cues: Mapping[str, list[str]], lex: Mapping[str, Any], settings: Mapping[str, Any],
+                rng: random.Random, urgent_rate: float, refund_rate: float, noise_rate: float, affix_rate: float,
+                refund_intent: bool) -> dict[str, Any] | None:
+    """A message that stands alone (a template of ``intent`` without fixed context) after previous turns
+    about another topic: the context must not decide the label here."""
+    others = [f for f in families if f.intent != intent]
+    rec = _template_row(intent, split, alone, cues, lex, rng, urgent_rate, refund_rate, noise_rate, affix_rate,
+                        refund_intent) if others else None
+    if rec is None:
+        return None
+    family = rng.choice(others)
+    n_turns = rng.choices(list(settings["turns"]), list(settings["turns"].values()))[0]
+    context = dialogue_context(family, settings, rng, 4)
+    # the earlier topic answered and closed; always so before a greeting or remark, which would otherwise
+    # read as an answer to a pending agent question
+    if intent in ("greeting", "other") or rng.random() < 0.5:
+        context += [{"role": "customer", "text": fill_nested(rng.choice(family.replies), settings["lexicon"], rng)},
+                    {"role": "agent", "text": fill_nested(rng.choice(settings["fillers"]["agent_ack"]),
+                                                          settings["lexicon"], rng)}]
+    return {**rec, "context": context[-n_turns:], "source": "dialogue_switch"}
+
+
+# ---------------------------------------------------------------------------------------------------
 # Splitting
 # ---------------------------------------------------------------------------------------------------
 def _check_fractions(dev_fraction: float, test_fraction: float) -> None:
@@ -436,7 +640,7 @@ def assign_unit(strata: Mapping[Any, list[str]], rng: random.Random, dev_fractio
 
 
 def _assign_all(seeds: list[dict[str, Any]], templates: tuple[Template, ...], n_cues: int, seed: int,
-                dev_fraction: float, test_fraction: float) -> dict[str, str]:
+                dev_fraction: float, test_fraction: float, dialogues: tuple[Dialogue, ...] = ()) -> dict[str, str]:
     _check_fractions(dev_fraction, test_fraction)
     rng = random.Random(f"kefu-triage-splits-{seed}")  # its own stream: generation settings never move groups
     units: dict[tuple[str, str], dict[Any, list[str]]] = defaultdict(lambda: defaultdict(list))
@@ -449,6 +653,14 @@ def _assign_all(seeds: list[dict[str, Any]], templates: tuple[Template, ...], n_
     split_of: dict[str, str] = {}
     for unit in sorted(units):
         split_of.update(assign_unit(units[unit], rng, dev_fraction, test_fraction))
+    # dialogue families: one unit per intent, stratified by labels, on their own stream so that adding
+    # dialogues never moves a seed or template group
+    drng = random.Random(f"kefu-triage-dialogue-splits-{seed}")
+    dunits: dict[str, dict[Any, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for d in dialogues:
+        dunits[d.intent][(d.urgent, d.refund)].append(d.group_id)
+    for intent in sorted(dunits):
+        split_of.update(assign_unit(dunits[intent], drng, dev_fraction, test_fraction))
     return split_of
 
 
@@ -457,11 +669,13 @@ def group_splits(seed: int = 13, dev_fraction: float = 0.15, test_fraction: floa
                  template_dir: str | Path | None = None) -> dict[str, str]:
     """group id -> "train" | "dev" | "test", exactly as ``generate_splits`` with the same arguments assigns it.
 
-    Group ids: ``seed:<seed_id>``, ``tpl:<intent>:<template id>``, ``cue:<index>`` (urgency cues)."""
+    Group ids: ``seed:<seed_id>``, ``tpl:<intent>:<template id>``, ``dlg:<intent>:<dialogue id>``,
+    ``cue:<index>`` (urgency cues)."""
     taxonomy = taxonomy or load_taxonomy()
     res = load_resources(template_dir, taxonomy)
     seeds = load_seeds(seed_dir, taxonomy)
-    return _assign_all(seeds, res.templates, len(res.lexicon["urgent_cues"]), seed, dev_fraction, test_fraction)
+    return _assign_all(seeds, res.templates, len(res.lexicon["urgent_cues"]), seed, dev_fraction, test_fraction,
+                       res.dialogues)
 
 
 def split_of_group(group_id: str, seed: int = 13, dev_fraction: float = 0.15, test_fraction: float = 0.15,
@@ -470,7 +684,8 @@ def split_of_group(group_id: str, seed: int = 13, dev_fraction: float = 0.15, te
     """The split of one group (a record's ``group_id``); GeneratorError for an unknown group."""
     splits = group_splits(seed, dev_fraction, test_fraction, taxonomy, seed_dir, template_dir)
     if group_id not in splits:
-        raise GeneratorError(f"unknown group id {group_id!r} (expected seed:<seed_id>, tpl:<intent>:<id> or cue:<n>)")
+        raise GeneratorError(f"unknown group id {group_id!r} (expected seed:<seed_id>, tpl:<intent>:<id>, "
+                             "dlg:<intent>:<id> or cue:<n>)")
     return splits[group_id]
 
 
@@ -508,9 +723,12 @@ class _SplitRows:
         """"ok", "duplicate" (same text with the same labels already here) or "leaked" (text of an earlier split).
 
         The same text may appear twice in a split only with different labels: a slot answer ("[订单x]") whose
-        intent comes from the previous turns."""
-        key = json.dumps([clean_text(rec["text"]), rec["intent"], rec["urgent"], rec["refund_recoverable"]],
-                         ensure_ascii=False)
+        intent comes from the previous turns. A dialogue row's key includes its previous turns: "[订单x]" after
+        another question is another example."""
+        parts = [clean_text(rec["text"]), rec["intent"], rec["urgent"], rec["refund_recoverable"]]
+        if rec["source"] == "dialogue":
+            parts.append([(t["role"], clean_text(t["text"])) for t in rec["context"]])
+        key = json.dumps(parts, ensure_ascii=False)
         if key in self.keys:
             return "duplicate"
         if normalise_text(rec["text"], self.lexicon) in self.earlier:
@@ -560,17 +778,21 @@ def generate_splits(seed: int = 13, size: int = 10000, dev_fraction: float = 0.1
                     taxonomy: Taxonomy | None = None, seed_dir: str | Path | None = None,
                     template_dir: str | Path | None = None, noise_rate: float = 0.3, affix_rate: float = 0.3,
                     seed_variants: int = 2, max_seed_share: float = 0.6,
-                    refund_recoverable_rate: float = 0.5) -> dict[str, Any]:
+                    refund_recoverable_rate: float = 0.5, dialogue_share: float = 0.2) -> dict[str, Any]:
     """{"train": [...], "dev": [...], "test": [...], "stats": {...}}.
 
     Each record: id, text, context (list, maybe empty), intent, urgent, refund_recoverable, group_id
-    (``seed:<seed_id>`` or ``tpl:<intent>:<id>``) and source (seed | seed_variant | template).
+    (``seed:<seed_id>``, ``tpl:<intent>:<id>`` or ``dlg:<intent>:<id>``) and source (seed | seed_variant |
+    template | dialogue | dialogue_switch).
 
     ``size`` is the number of rows over the three splits, each split getting its fraction. A split holds
     every seed message of its groups once, then (train only) ``seed_variants`` noisy copies of each seed
-    (affixes, noise, neutral previous turns), then template rows up to its size, with per-intent quotas so
-    the split follows the intent mix of ``lexicon.yaml``. Seeds and variants fill at most ``max_seed_share``
-    of a split: with a small ``size`` variants go first, then seeds are subsampled per intent (counted).
+    (affixes, noise, neutral previous turns), then ``dialogue_share`` of its rows as dialogue snippets
+    (``dialogues.yaml``: an elliptical turn whose intent the previous turns decide; ``switch_share`` of them
+    a message that stands alone after turns about another topic), then template rows up to its size, with
+    per-intent quotas so the split follows the intent mix of ``lexicon.yaml``. Seeds and variants fill at
+    most ``max_seed_share`` of the rest: with a small ``size`` variants go first, then seeds are subsampled
+    per intent (counted).
     dev/test rows whose normalised text occurs in an earlier split are dropped (seeds) or redrawn
     (templates) and counted in ``stats``.
     """
@@ -578,12 +800,15 @@ def generate_splits(seed: int = 13, size: int = 10000, dev_fraction: float = 0.1
         raise GeneratorError(f"size must be a positive integer, got {size!r}")
     if not (0 <= noise_rate <= 1 and 0 <= affix_rate <= 1 and 0 < max_seed_share <= 1 and 0 <= refund_recoverable_rate <= 1):
         raise GeneratorError("noise_rate, affix_rate, refund_recoverable_rate must be in [0, 1], max_seed_share in (0, 1]")
+    if not isinstance(dialogue_share, (int, float)) or isinstance(dialogue_share, bool) or not 0 <= dialogue_share < 1:
+        raise GeneratorError(f"dialogue_share must be a number in [0, 1), got {dialogue_share!r}")
     _check_fractions(dev_fraction, test_fraction)
     taxonomy = taxonomy or load_taxonomy()
     res = load_resources(template_dir, taxonomy)
     lex = res.lexicon
     seeds = load_seeds(seed_dir, taxonomy)
-    split_of = _assign_all(seeds, res.templates, len(lex["urgent_cues"]), seed, dev_fraction, test_fraction)
+    split_of = _assign_all(seeds, res.templates, len(lex["urgent_cues"]), seed, dev_fraction, test_fraction,
+                           res.dialogues)
     rng = random.Random(seed)
 
     present = {t.intent for t in res.templates} | {s["intent"] for s in seeds}
@@ -602,9 +827,16 @@ def generate_splits(seed: int = 13, size: int = 10000, dev_fraction: float = 0.1
     cues: dict[str, list[str]] = defaultdict(list)
     for i, cue in enumerate(lex["urgent_cues"]):
         cues[split_of[f"cue:{i}"]].append(cue)
+    dpools: dict[str, list[Dialogue]] = defaultdict(list)
+    for d in res.dialogues:
+        dpools[split_of[d.group_id]].append(d)
+    settings = res.dialogue_settings or {}
+    dialogue_share = float(dialogue_share) if res.dialogues else 0.0
+    dmix = {i: float((settings.get("mix") or lex["mix"]).get(i, 0.0)) for i in intents}
 
     stats: dict[str, Any] = {"split_sizes": split_sizes, "dropped_duplicates": {}, "dropped_leaked": {},
-                             "redrawn_leaked_templates": {}, "seeds_left_out_for_size": {}, "shortfall": {}}
+                             "redrawn_leaked_templates": {}, "seeds_left_out_for_size": {}, "shortfall": {},
+                             "dialogue_rows": {}, "dialogue_switch_rows": {}, "redrawn_leaked_dialogues": {}}
     earlier: set[str] = set()
     out: dict[str, list[dict[str, Any]]] = {}
     for split in SPLITS:
@@ -612,7 +844,7 @@ def generate_splits(seed: int = 13, size: int = 10000, dev_fraction: float = 0.1
         n_dup = n_leak = n_redrawn = 0
         # 1. seed messages of this split's groups (subsampled per intent only when the split is too small)
         split_seeds = [s for s in seeds if split_of[f"seed:{s['seed_id']}"] == split]
-        budget = math.floor(split_sizes[split] * max_seed_share)
+        budget = math.floor(split_sizes[split] * max_seed_share * (1 - dialogue_share))
         left_out = 0
         if len(split_seeds) > budget:
             by_intent: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -648,7 +880,38 @@ def generate_splits(seed: int = 13, size: int = 10000, dev_fraction: float = 0.1
                     rec = _record(text, context, s["intent"], s["urgent"], s.get("refund_recoverable"),
                                   f"seed:{s['seed_id']}", "seed_variant")
                     room -= bucket.add(rec) == "ok"
-        # 3. template rows with per-intent quotas, so the whole split (seeds included) follows the mix; every
+        # 3. dialogue snippets, on their own random stream (seed and template rows do not depend on them)
+        n_dlg_redrawn = 0
+        n_dlg = round(dialogue_share * split_sizes[split]) if dpools.get(split) else 0
+        if n_dlg:
+            drng = random.Random(f"kefu-triage-dialogues-{seed}-{split}")
+            fams = dpools[split]
+            alone = {(split, i): [t for t in pools.get((split, i), []) if not t.context] for i in intents}
+            switch_intents = [i for i in intents if alone[(split, i)] and any(f.intent != i for f in fams)]
+            n_switch = round(n_dlg * float(settings["switch_share"])) if switch_intents else 0
+            fam_intents = [i for i in intents if any(f.intent == i for f in fams)]
+            dquotas = largest_remainder(n_dlg - n_switch, {i: dmix[i] or mix[i] for i in fam_intents})
+            for intent in fam_intents:
+                own = [f for f in fams if f.intent == intent]
+                made = attempts = 0
+                while made < dquotas[intent] and attempts < 8 * dquotas[intent] + 20:
+                    attempts += 1
+                    want = int(drng.random() < refund_recoverable_rate)  # only matters for refund intents
+                    family = drng.choice([f for f in own if f.refund in (None, want)] or own)
+                    status = bucket.add(_dialogue_row(family, settings, lex, drng, noise_rate, affix_rate))
+                    made += status == "ok"
+                    n_dlg_redrawn += status == "leaked"
+            made = attempts = 0
+            while made < n_switch and attempts < 8 * n_switch + 20:
+                attempts += 1
+                intent = drng.choices(switch_intents, [mix[i] for i in switch_intents])[0]
+                rec = _switch_row(intent, split, fams, alone, cues, lex, settings, drng, urgent_rate[intent],
+                                  refund_recoverable_rate, noise_rate, affix_rate,
+                                  taxonomy.route_of(intent) == "refund_triage")
+                status = bucket.add(rec) if rec is not None else "none"
+                made += status == "ok"
+                n_dlg_redrawn += status == "leaked"
+        # 4. template rows with per-intent quotas, so the whole split (seeds included) follows the mix; every
         # intent with templates in this split gets at least a quarter of its share from them
         have = Counter(r["intent"] for r in bucket.rows)
         wanted = largest_remainder(split_sizes[split], mix)
@@ -683,10 +946,14 @@ def generate_splits(seed: int = 13, size: int = 10000, dev_fraction: float = 0.1
         stats["dropped_leaked"][split] = n_leak
         stats["redrawn_leaked_templates"][split] = n_redrawn
         stats["shortfall"][split] = split_sizes[split] - len(rows)
+        stats["dialogue_rows"][split] = sum(r["source"] == "dialogue" for r in rows)
+        stats["dialogue_switch_rows"][split] = sum(r["source"] == "dialogue_switch" for r in rows)
+        stats["redrawn_leaked_dialogues"][split] = n_dlg_redrawn
         earlier |= {normalise_text(r["text"], lex) for r in rows}
 
     stats["groups"] = {s: len({r["group_id"] for r in out[s]}) for s in SPLITS}
     stats["template_groups"] = {s: len({r["group_id"] for r in out[s] if r["source"] == "template"}) for s in SPLITS}
+    stats["dialogue_groups"] = {s: len({r["group_id"] for r in out[s] if r["source"] == "dialogue"}) for s in SPLITS}
     stats["sources"] = {s: dict(sorted(Counter(r["source"] for r in out[s]).items())) for s in SPLITS}
     stats["urgent_cues"] = {s: len(cues[s]) for s in SPLITS}
     return {**out, "stats": stats}

@@ -5,10 +5,13 @@ A labelled example is one JSON line::
     {"text": "...", "context": [{"role": "customer"|"agent", "text": "..."}], "intent": "logistics",
      "urgent": 0, "refund_recoverable": null}
 
-``context`` is optional (previous turns, oldest first); ``refund_recoverable`` is 0/1 exactly when the
-intent routes to ``refund_triage`` and null otherwise. In labelled data a refund_triage example without a
-0/1 label is an error: the refund head would silently lose it. CSV and Parquet files carry the same
-columns (in CSV, ``context`` is a JSON string).
+``context`` is optional (previous turns, oldest first). ``refund_recoverable`` is only defined for
+intents that route to ``refund_triage``: 0/1 there, or null when nobody labelled it; on any other intent it
+must be null (not applicable). ``urgent`` is 0/1, or null/absent when unknown (teams often have intent
+labels from ticket categories and nothing else). An unknown label is kept as None: training masks that
+head's loss for the row and evaluation skips the row for that head; a label that contradicts the contract
+is still an error. Extra fields (``id``, ``source``, ``difficulty``...) are kept. CSV and Parquet files carry
+the same columns (in CSV, ``context`` is a JSON string).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ log = logging.getLogger(__name__)
 MAX_LISTED_PROBLEMS = 50
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 LABEL_FIELDS = ("text", "context", "intent", "urgent", "refund_recoverable")
-REQUIRED_COLUMNS = ("text", "intent", "urgent")  # context and refund_recoverable may be absent (empty / null)
+REQUIRED_COLUMNS = ("text", "intent")  # context, urgent and refund_recoverable may be absent (empty / unknown)
 ROLES = ("customer", "agent")
 SPLIT_ORDER = ("train", "dev", "test", "eval")
 
@@ -80,7 +83,7 @@ def _check_columns(path: Path, columns: list[str], line: int | None) -> None:
         where = f"{path}:{line}" if line else str(path)
         raise DataValidationError(
             [f"{where}: columns: missing {', '.join(map(repr, missing))}; found {columns}; expected "
-             f"{', '.join(REQUIRED_COLUMNS)} (+ optional refund_recoverable, context)"], str(path))
+             f"{', '.join(REQUIRED_COLUMNS)} (+ optional urgent, refund_recoverable, context)"], str(path))
 
 
 def _iter_csv(path: Path) -> Iterator[Row]:
@@ -226,20 +229,15 @@ def validate_record(row: Any, taxonomy: Taxonomy) -> tuple[dict[str, Any] | None
     elif not known_intent:
         problems.append(_unknown_intent(intent, taxonomy))
 
-    urgent = _as_binary(row.get("urgent"))
-    if urgent is None:
-        problems.append("urgent: missing (0 or 1)")
-    elif isinstance(urgent, str):
+    urgent = _as_binary(row.get("urgent"))  # None: unknown (the urgent head skips this row)
+    if isinstance(urgent, str):
         problems.append(f"urgent: {urgent}")
 
     refund = _as_binary(row.get("refund_recoverable"))
     if isinstance(refund, str):
         problems.append(f"refund_recoverable: must be 0, 1 or null, got {row.get('refund_recoverable')!r}")
     elif known_intent:
-        route = taxonomy.route_of(intent)
-        if route == "refund_triage" and refund is None:
-            problems.append(f"refund_recoverable: missing; intent {intent!r} routes to refund_triage, so labelled "
-                            "data needs 1 (recoverable) or 0 (firm)")
+        route = taxonomy.route_of(intent)  # on a refund_triage intent, None means unknown (the head skips it)
         if route != "refund_triage" and refund is not None:
             problems.append(f"refund_recoverable: must be null for intent {intent!r} (route {route}); only "
                             f"refund_triage intents ({', '.join(taxonomy.refund_intents) or 'none'}) carry it")
@@ -250,7 +248,7 @@ def validate_record(row: Any, taxonomy: Taxonomy) -> tuple[dict[str, Any] | None
     if problems:
         return None, problems
     record = {k: v for k, v in row.items() if k not in LABEL_FIELDS}
-    record.update(text=text, context=context, intent=intent, urgent=int(urgent), refund_recoverable=refund)
+    record.update(text=text, context=context, intent=intent, urgent=urgent, refund_recoverable=refund)
     return record, []
 
 
@@ -324,7 +322,7 @@ def _example_key(record: dict[str, Any]) -> str:
 
 
 def _labels(record: dict[str, Any]) -> tuple:
-    return record["intent"], int(record["urgent"]), record.get("refund_recoverable")
+    return record["intent"], record.get("urgent"), record.get("refund_recoverable")
 
 
 @dataclass
@@ -401,8 +399,14 @@ def report_splits(report: SplitReport, fail_on_leakage: bool = False, source: st
 # ---------------------------------------------------------------------------------------------------
 # Loading splits for training / evaluation
 # ---------------------------------------------------------------------------------------------------
+def label_or_minus_one(value: Any) -> int:
+    """A 0/1 label as int, -1 for None (unknown or not applicable): the masked-label code of the loss."""
+    return -1 if value is None else int(value)
+
+
 def to_dataset(records: list[dict[str, Any]], taxonomy: Taxonomy):
-    """A ``datasets.Dataset`` with the columns the model uses (refund_recoverable -1 where null/masked)."""
+    """A ``datasets.Dataset`` with the columns the model uses; -1 marks an unknown or undefined urgent /
+    refund_recoverable label (the loss masks it)."""
     import datasets
 
     features = datasets.Features({
@@ -418,8 +422,8 @@ def to_dataset(records: list[dict[str, Any]], taxonomy: Taxonomy):
         "context": [r.get("context") or [] for r in records],
         "intent": [r["intent"] for r in records],
         "intent_id": [taxonomy.intent_id(r["intent"]) for r in records],
-        "urgent": [int(r["urgent"]) for r in records],
-        "refund_recoverable": [-1 if r["refund_recoverable"] is None else int(r["refund_recoverable"]) for r in records],
+        "urgent": [label_or_minus_one(r.get("urgent")) for r in records],
+        "refund_recoverable": [label_or_minus_one(r.get("refund_recoverable")) for r in records],
     }
     return datasets.Dataset.from_dict(columns, features=features)
 
@@ -478,7 +482,7 @@ def load_split_records(data_cfg: Any, taxonomy: Taxonomy) -> dict[str, list[dict
 
 def load_splits(data_cfg: Any, taxonomy: Taxonomy):
     """``datasets.DatasetDict`` of the configured splits: text, context ([] when none), intent, intent_id,
-    urgent (0/1), refund_recoverable (0/1, -1 where null)."""
+    urgent (0/1, -1 where unknown), refund_recoverable (0/1, -1 where null)."""
     import datasets
 
     records = load_split_records(data_cfg, taxonomy)
@@ -488,11 +492,13 @@ def load_splits(data_cfg: Any, taxonomy: Taxonomy):
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Counts a stats table and a model card need."""
     n = len(records)
-    refund = Counter(r["refund_recoverable"] for r in records if r["refund_recoverable"] is not None)
+    refund = Counter(r["refund_recoverable"] for r in records if r.get("refund_recoverable") is not None)
+    urgent = [r["urgent"] for r in records if r.get("urgent") is not None]
     return {
         "rows": n,
         "intents": dict(sorted(Counter(r["intent"] for r in records).items(), key=lambda kv: (-kv[1], kv[0]))),
-        "urgent_rate": round(sum(r["urgent"] for r in records) / n, 4) if n else 0.0,
+        "urgent_rate": round(sum(urgent) / len(urgent), 4) if urgent else 0.0,  # over rows with an urgent label
+        "urgent_labelled": len(urgent),
         "refund_recoverable": int(refund.get(1, 0)),
         "refund_firm": int(refund.get(0, 0)),
         "mean_chars": round(sum(len(r["text"]) for r in records) / n, 1) if n else 0.0,

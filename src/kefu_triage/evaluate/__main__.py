@@ -6,6 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kefu_triage.evaluate.assess import evaluate
+from kefu_triage.evaluate.extra_sets import summary_line
 
 
 @hydra.main(version_base="1.3", config_path="../../../configs", config_name="eval")
@@ -16,6 +17,8 @@ def main(cfg: DictConfig) -> None:
           f"coverage {m['triage']['coverage']:.1%} risk {m['triage']['risk']:.1%} | urgent recall "
           f"{m['triage']['urgent_recall']:.1%} | recoverable capture {m['triage']['recoverable_capture']:.1%} | "
           f"constraints met on dev: {op['constraints_met']}")
+    for name, extra in metrics["extra_sets"].items():
+        print(summary_line(name, extra))
     print(f"wrote {cfg.output_dir}/report.md, report.html, metrics.json, errors.jsonl")
 
 

@@ -18,21 +18,17 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from kefu_triage.core.fileio import atomic_write_json, atomic_write_jsonl
-from kefu_triage.core.heads import probabilities
-from kefu_triage.core.policy import REASONS, Thresholds
+from kefu_triage.core.heads import POOLED_OUTPUT, probabilities
+from kefu_triage.core.novelty import NOVELTY_FILE
+from kefu_triage.core.policy import REASONS, Thresholds, TriagePolicy
 from kefu_triage.core.taxonomy import Taxonomy, taxonomy_from_config
-from kefu_triage.data.records import load_split_records, summarize
-from kefu_triage.evaluate.calibration import calibrate
-from kefu_triage.evaluate.metrics import (
-    Gold,
-    binary_metrics,
-    decide,
-    intent_metrics,
-    risk_coverage_curve,
-    triage_metrics,
-    tune_thresholds,
-)
+from kefu_triage.data.records import load_split_records, read_examples, summarize
+from kefu_triage.evaluate.calibration import calibrate, fit_novelty
+from kefu_triage.evaluate.conformal import ConformalError, calibrate_policy, calibration_summary
+from kefu_triage.evaluate.extra_sets import assess_extra_set, load_extra_set, resolve_extra_sets
+from kefu_triage.evaluate.metrics import Gold, binary_metrics, intent_metrics, triage_metrics
 from kefu_triage.evaluate.peers import KeywordRuleBaseline, TfidfLogRegBaseline
+from kefu_triage.evaluate.tuning import risk_coverage_curve, safety_metrics, tune_thresholds
 
 POLICY_FILE = "triage_policy.json"
 
@@ -50,11 +46,12 @@ class TorchScorer:
         self.batch_size = batch_size
         self.taxonomy = self.model.config.get_taxonomy()
         self.context_turns = self.model.config.context_turns
+        self.novelty = None  # fitted by evaluate() from the training split (kefu_triage.core.novelty)
 
     def predict_logits(self, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
         from kefu_triage.model.multitask import predict_logits
 
-        return predict_logits(self.model, self.tokenizer, records, self.batch_size)
+        return predict_logits(self.model, self.tokenizer, records, self.batch_size, pooled=True)
 
 
 class ArtifactScorer:
@@ -66,6 +63,7 @@ class ArtifactScorer:
         self.runtime = TriageModel.load(artifact_dir, precision=precision)
         self.taxonomy = self.runtime.taxonomy
         self.context_turns = self.runtime.context_turns
+        self.novelty = self.runtime.novelty  # the artifact's own statistics (None in older artifacts)
 
     def predict_logits(self, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
         return self.runtime.score([r["text"] for r in records], [r.get("context") for r in records])
@@ -78,23 +76,45 @@ def _labels(gold: Gold) -> dict[str, np.ndarray]:
     return {"intent": gold.intent, "urgent": gold.urgent, "refund_recoverable": gold.refund}
 
 
+def with_novelty(probs: dict[str, np.ndarray], logits: dict[str, np.ndarray], novelty) -> dict[str, np.ndarray]:
+    """``probs`` plus ``"novelty"`` when the scorer has novelty statistics and gave its pooled state."""
+    if novelty is not None and POOLED_OUTPUT in logits:
+        return {**probs, "novelty": novelty.score(logits[POOLED_OUTPUT])}
+    return probs
+
+
 def assess(name: str, dev_logits: dict[str, np.ndarray], test_logits: dict[str, np.ndarray], gold_dev: Gold,
-           gold_test: Gold, taxonomy: Taxonomy, cfg: DictConfig) -> dict[str, Any]:
-    """Calibrate + tune on dev, measure on test. Returns metrics and what the report needs."""
-    cal = calibrate(dev_logits, _labels(gold_dev))
+           gold_test: Gold, taxonomy: Taxonomy, cfg: DictConfig, novelty=None,
+           calibration: tuple[dict[str, np.ndarray], Gold] | None = None) -> dict[str, Any]:
+    """Calibrate + tune on dev, measure on test. Returns metrics and what the report needs. ``novelty``
+    (kefu_triage.core.novelty.NoveltyModel) adds the novelty gate to the tuning; ``calibration`` (logits and
+    gold of a labelled sample of the user's traffic) then sets the thresholds by conformal risk control."""
+    cal = calibrate(dev_logits, _labels(gold_dev), {"intent": cfg.policy.get("min_intent_temperature")})
     temps = cal["temperatures"]
-    p_dev, p_test = probabilities(dev_logits, temps), probabilities(test_logits, temps)
+    p_dev = with_novelty(probabilities(dev_logits, temps), dev_logits, novelty)
+    p_test = with_novelty(probabilities(test_logits, temps), test_logits, novelty)
     op = OmegaConf.to_container(cfg.policy.operating_point)
     tuned = tune_thresholds(p_dev, gold_dev, taxonomy.routes, op, margin=float(cfg.policy.thresholds.margin),
                             grid=int(cfg.tuning.grid))
     th: Thresholds = tuned["thresholds"]
-    d = decide(p_test, taxonomy.routes, th)
-    refund_rows = gold_test.refund >= 0
+    conformal = None
+    if calibration is not None:
+        cal_logits, cal_gold = calibration
+        try:
+            conformal = calibrate_policy(with_novelty(probabilities(cal_logits, temps), cal_logits, novelty), cal_gold,
+                                         taxonomy.routes, th, float(cfg.policy.max_bot_risk),
+                                         float(op["min_urgent_recall"]),
+                                         delta=float(cfg.policy.get("calibration_delta", 0.1)))
+        except ConformalError as exc:
+            raise ConformalError(f"policy.calibration_file={cfg.policy.calibration_file}: {exc}") from None
+        th = Thresholds.from_mapping(conformal["thresholds"])
+    d = TriagePolicy(taxonomy.routes, th).decide_heads(p_test)
+    refund_rows, urgent_rows = gold_test.refund >= 0, gold_test.urgent >= 0  # partial labels: skip unknown rows
     rc = risk_coverage_curve(p_test, gold_test, taxonomy.routes, th)
     traffic = OmegaConf.to_container(cfg.traffic)
     metrics = {
         "intent": intent_metrics(gold_test.intent, p_test["intent"], taxonomy.intent_names),
-        "urgent": binary_metrics(gold_test.urgent, p_test["urgent"], th.urgent),
+        "urgent": binary_metrics(gold_test.urgent[urgent_rows], p_test["urgent"][urgent_rows], th.urgent),
         "refund_recoverable": binary_metrics(gold_test.refund[refund_rows], p_test["refund_recoverable"][refund_rows],
                                              th.recoverable),
         "triage": {**triage_metrics(d.to_human, d.intent_id, gold_test, traffic), "aurc": rc["aurc"],
@@ -104,9 +124,15 @@ def assess(name: str, dev_logits: dict[str, np.ndarray], test_logits: dict[str, 
         "thresholds": th.to_dict(),
         "tuning": {"constraints_met": bool(tuned["constraints_met"]), "shortfall": tuned["shortfall"],
                    "dev": tuned["dev_metrics"]},
+        # confidence vs novelty vs both: AUROC for wrong intents, risk-coverage/AURC; urgent escalation cost
+        "safety": {split: {k: {f: v for f, v in m.items() if f != "curve"} for k, m in
+                           safety_metrics(p, g, taxonomy.routes, th).items()}
+                   for split, p, g in (("test", p_test, gold_test), ("dev", p_dev, gold_dev))},
     }
+    if conformal is not None:
+        metrics["conformal"] = conformal
     return {"name": name, "metrics": metrics, "probs": p_test, "decisions": d, "curve": rc["curve"],
-            "reliability": cal["reliability"], "thresholds": th, "temperatures": temps,
+            "reliability": cal["reliability"], "thresholds": th, "temperatures": temps, "novelty": novelty,
             "operating_point": op, "constraints_met": bool(tuned["constraints_met"])}
 
 
@@ -134,7 +160,7 @@ def worst_errors(result: dict[str, Any], records: list[dict[str, Any]], gold: Go
         rows.append({
             "error": kinds[i], "confidence": round(float(p["intent"][i].max()), 4), "text": records[i]["text"],
             "context": records[i].get("context") or [],
-            "gold": {"intent": names[gold.intent[i]], "urgent": int(gold.urgent[i]),
+            "gold": {"intent": names[gold.intent[i]], "urgent": None if gold.urgent[i] < 0 else int(gold.urgent[i]),
                      "refund_recoverable": None if gold.refund[i] < 0 else int(gold.refund[i])},
             "pred": {"intent": names[d.intent_id[i]], "top_intents": [[names[j], round(float(p["intent"][i][j]), 4)] for j in top],
                      "urgent_prob": round(float(p["urgent"][i]), 4),
@@ -146,8 +172,8 @@ def worst_errors(result: dict[str, Any], records: list[dict[str, Any]], gold: Go
 
 
 def shared_sanity(scorer, cfg: DictConfig) -> dict[str, Any]:
-    """On ../shared text (never trained on): urgent head on negative vs positive reviews (ROC-AUC), and the
-    route/intent mix the model gives real customer turns. Skipped when ../shared is absent."""
+    """On ../shared product reviews (never trained on): urgent head on negative vs positive reviews (ROC-AUC).
+    Skipped when ../shared is absent. Real customer turns are measured as labelled extra sets (extra_sets.py)."""
     from sklearn.metrics import roc_auc_score
 
     shared = Path(cfg.paths.shared_dir)
@@ -160,12 +186,6 @@ def shared_sanity(scorer, cfg: DictConfig) -> dict[str, Any]:
         y = np.array([r["sentiment"] == "negative" for r in rows], dtype=int)
         out["reviews_urgent_auc"] = float(roc_auc_score(y, logits["urgent_logit"]))
         out["reviews_rows"] = len(rows)
-    turns = shared / "data" / "real" / "jddc_customer_turns_unlabeled.jsonl"
-    if turns.is_file():
-        rows = [json.loads(x) for x in turns.read_text(encoding="utf-8").splitlines() if x.strip()]
-        rows = random.Random(0).sample(rows, min(cfg.sanity.max_rows, len(rows)))
-        out["real_turns_rows"] = len(rows)
-        out["real_turns_logits"] = scorer.predict_logits([{"text": r["text"], "context": r.get("context")} for r in rows])
     return out
 
 
@@ -191,21 +211,37 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dev, test = splits["dev"], splits[eval_split]
     gold_dev, gold_test = Gold.from_records(dev, taxonomy), Gold.from_records(test, taxonomy)
 
-    results = [assess("model", scorer.predict_logits(dev), scorer.predict_logits(test), gold_dev, gold_test, taxonomy, cfg)]
+    nov_cfg = cfg.policy.get("novelty") or {}
+    if isinstance(scorer, TorchScorer) and nov_cfg.get("enabled", True) and splits.get("train"):
+        scorer.novelty = fit_novelty(scorer.predict_logits, splits["train"], dev, taxonomy,
+                                     max_rows=int(nov_cfg.get("max_train_rows", 3000)), seed=int(nov_cfg.get("seed", 0)))
+    calibration = None
+    if cfg.policy.get("calibration_file"):
+        cal_records = read_examples(cfg.policy.calibration_file, taxonomy)
+        calibration = (scorer.predict_logits(cal_records), Gold.from_records(cal_records, taxonomy))
+    results = [assess("model", scorer.predict_logits(dev), scorer.predict_logits(test), gold_dev, gold_test, taxonomy, cfg,
+                      novelty=scorer.novelty, calibration=calibration)]
+    if "conformal" in results[0]["metrics"]:
+        print(calibration_summary(results[0]["metrics"]["conformal"]))
+    scorers = [scorer]  # aligned with results: each one's temperatures and policy are reused on the extra sets
     if cfg.baselines.enabled and "train" in splits:
         for peer in (TfidfLogRegBaseline(taxonomy.num_intents, scorer.context_turns),
                      KeywordRuleBaseline(taxonomy.intent_names)):
             peer.fit(splits["train"], taxonomy)
             results.append(assess(peer.name, peer.predict_logits(dev), peer.predict_logits(test), gold_dev, gold_test,
                                   taxonomy, cfg))
+            scorers.append(peer)
     model = results[0]
     sanity = shared_sanity(scorer, cfg) if cfg.sanity.enabled else {}
-    if "real_turns_logits" in sanity:  # the route and intent mix on real customer turns, with the tuned policy
-        p = probabilities(sanity.pop("real_turns_logits"), model["temperatures"])
-        d = decide(p, taxonomy.routes, model["thresholds"])
-        sanity["real_turns_bot_share"] = float((~d.to_human).mean())
-        sanity["real_turns_reasons"] = {r: int((d.reason == r).sum()) for r in REASONS}
-        sanity["real_turns_intents"] = {n: int((d.intent_id == i).sum()) for i, n in enumerate(taxonomy.intent_names)}
+    extra_paths, skipped, real_dir = resolve_extra_sets(cfg)
+    if skipped:
+        print(f"extra sets skipped ({real_dir} not found): {', '.join(skipped)}")
+    extra = []
+    for name, path in extra_paths.items():
+        records = load_extra_set(name, path, taxonomy, cfg)
+        extra.append(assess_extra_set(name, path, records, [(r, s.predict_logits(records)) for r, s in
+                                                             zip(results, scorers, strict=True)],
+                                      taxonomy, splits.get("train")))
 
     metrics = {
         "schema_version": 1,
@@ -216,13 +252,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "dataset": {"eval_split": eval_split, "eval_file": str(cfg.data.get(f"{eval_split}_file")),
                     **{k: summarize(v) for k, v in splits.items()}},
         "sanity": sanity,
+        "extra_sets": {e["name"]: e["metrics"] for e in extra},
+        "extra_sets_skipped": skipped,
         "traffic": OmegaConf.to_container(cfg.traffic),
     }
     out_dir = Path(cfg.output_dir)
-    write_report(out_dir, metrics, results, test, gold_test, taxonomy)
+    write_report(out_dir, metrics, results, test, gold_test, taxonomy, extra)
     atomic_write_json(out_dir / "metrics.json", _jsonable(metrics))
     atomic_write_jsonl(out_dir / "errors.jsonl", worst_errors(model, test, gold_test, taxonomy, cfg.errors_limit))
     if cfg.get("model_dir") and cfg.write_policy:
+        novelty_file = Path(cfg.model_dir) / NOVELTY_FILE
+        if model["novelty"] is not None:  # export ships these statistics: the tuned novelty gate refers to them
+            model["novelty"].save(novelty_file)
+        else:
+            novelty_file.unlink(missing_ok=True)
         atomic_write_json(Path(cfg.model_dir) / POLICY_FILE, {
             "thresholds": model["thresholds"].to_dict(), "temperatures": model["temperatures"],
             "operating_point": model["operating_point"], "constraints_met": model["constraints_met"],

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from kefu_triage.core.heads import HEADS, LOGIT_KEYS, sigmoid, softmax
+from kefu_triage.evaluate.metrics import expected_calibration_error, head_confidence, reliability_curve
 
 
 def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float, multiclass: bool) -> float:
@@ -33,55 +34,40 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, multiclass: bool) ->
     return float(np.exp(res.x))
 
 
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
-    """ECE with equal-width bins: sum over bins of |accuracy - mean confidence| weighted by bin size."""
-    confidence, correct = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
-    if not len(confidence):
-        return 0.0
-    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        m = bins == b
-        if m.any():
-            ece += m.mean() * abs(correct[m].mean() - confidence[m].mean())
-    return float(ece)
-
-
-def reliability_curve(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> dict[str, list[float]]:
-    confidence, correct = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
-    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
-    out: dict[str, list[float]] = {"confidence": [], "accuracy": [], "count": []}
-    for b in range(n_bins):
-        m = bins == b
-        if m.any():
-            out["confidence"].append(float(confidence[m].mean()))
-            out["accuracy"].append(float(correct[m].mean()))
-            out["count"].append(int(m.sum()))
-    return out
-
-
-def head_confidence(head: str, probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(confidence of the predicted class, whether it is right) for ECE and reliability diagrams."""
-    if head == "intent":
-        return probs.max(axis=1), (probs.argmax(axis=1) == labels)
-    pred = probs >= 0.5
-    return np.where(pred, probs, 1 - probs), (pred == (labels == 1))
-
-
-def calibrate(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Fit a temperature per head on dev; ECE before and after. ``labels['refund_recoverable']`` uses -1
-    for rows without a refund label (those rows are ignored)."""
+def calibrate(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+              min_temperature: dict[str, float] | None = None) -> dict[str, Any]:
+    """Fit a temperature per head on dev; ECE before and after. The binary heads' labels use -1 for rows
+    without a label (those rows are ignored). ``min_temperature`` floors a head's temperature: synthetic dev
+    is easier than real traffic, and a T < 1 fitted on it sharpens an already overconfident model."""
     temps, ece, curves = {}, {}, {}
     for head in HEADS:
         lg, y = logits[LOGIT_KEYS[head]], np.asarray(labels[head])
-        if head == "refund_recoverable":
+        if head != "intent":  # -1: unknown urgent / undefined or unknown refund label, skipped
             keep = y >= 0
             lg, y = lg[keep], y[keep]
         multiclass = head == "intent"
-        temps[head] = fit_temperature(lg, y, multiclass)
+        temps[head] = max(fit_temperature(lg, y, multiclass), float((min_temperature or {}).get(head) or 0.0))
         prob = (softmax if multiclass else sigmoid)
         before = head_confidence(head, prob(lg, 1.0), y)
         after = head_confidence(head, prob(lg, temps[head]), y)
         ece[head] = {"before": expected_calibration_error(*before), "after": expected_calibration_error(*after)}
         curves[head] = {"before": reliability_curve(*before), "after": reliability_curve(*after)}
     return {"temperatures": temps, "ece": ece, "reliability": curves}
+
+
+def fit_novelty(predict, train_records: list[dict[str, Any]], reference_records: list[dict[str, Any]], taxonomy,
+                max_rows: int = 3000, seed: int = 0):
+    """Novelty statistics (kefu_triage.core.novelty) of a model: class means and shared covariance of the
+    pooled state on a fixed random sample of at most ``max_rows`` training messages (by gold intent), and
+    the novelty scale from the held-out ``reference_records`` (dev). ``predict(records)`` returns a dict
+    with the pooled state under ``"pooled"`` (e.g. predict_logits(..., pooled=True))."""
+    from kefu_triage.core.heads import POOLED_OUTPUT
+    from kefu_triage.core.novelty import NoveltyModel
+
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(train_records), size=min(max_rows, len(train_records)), replace=False))
+    train = [train_records[i] for i in pick]
+    labels = np.array([taxonomy.intent_id(r["intent"]) for r in train])
+    pick = sorted(rng.choice(len(reference_records), size=min(max_rows, len(reference_records)), replace=False))
+    reference = predict([reference_records[i] for i in pick])[POOLED_OUTPUT]
+    return NoveltyModel.fit(predict(train)[POOLED_OUTPUT], labels, reference)

@@ -13,7 +13,6 @@ unreachable offline). Triage metrics are resolution-rate proxies:
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,24 +28,23 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from kefu_triage.core.policy import Thresholds, TriagePolicy
-
 
 @dataclass(frozen=True)
 class Gold:
     """Gold labels of N messages, aligned with the head outputs."""
 
     intent: np.ndarray  # int ids
-    urgent: np.ndarray  # 0/1
-    refund: np.ndarray  # 0/1, -1 where undefined
+    urgent: np.ndarray  # 0/1, -1 where unknown (partial labels: that head skips the row)
+    refund: np.ndarray  # 0/1, -1 where undefined or unknown
     intent_routes: np.ndarray  # route of every intent id (object array)
 
     @classmethod
     def from_records(cls, records: list[dict[str, Any]], taxonomy) -> Gold:
         return cls(
             intent=np.array([taxonomy.intent_id(r["intent"]) for r in records], dtype=int),
-            urgent=np.array([int(r["urgent"]) for r in records], dtype=int),
-            refund=np.array([-1 if r["refund_recoverable"] is None else int(r["refund_recoverable"]) for r in records]),
+            urgent=np.array([-1 if r.get("urgent") is None else int(r["urgent"]) for r in records], dtype=int),
+            refund=np.array([-1 if r.get("refund_recoverable") is None else int(r["refund_recoverable"])
+                             for r in records], dtype=int),
             intent_routes=np.asarray(taxonomy.routes, dtype=object),
         )
 
@@ -65,13 +63,18 @@ class Gold:
 # ---------------------------------------------------------------------------------------------------
 # Heads
 # ---------------------------------------------------------------------------------------------------
+def macro_f1(gold: np.ndarray, pred: np.ndarray, num_labels: int) -> float:
+    """Intent macro-F1 over every label of the contract (a label absent from both counts as 0)."""
+    return float(f1_score(gold, pred, labels=list(range(num_labels)), average="macro", zero_division=0))
+
+
 def intent_metrics(gold: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict[str, Any]:
     pred = probs.argmax(axis=1)
     ids = list(range(len(labels)))
     p, r, f, s = precision_recall_fscore_support(gold, pred, labels=ids, zero_division=0)
     return {
         "accuracy": float(accuracy_score(gold, pred)),
-        "macro_f1": float(f1_score(gold, pred, labels=ids, average="macro", zero_division=0)),
+        "macro_f1": macro_f1(gold, pred, len(labels)),
         "per_class": {labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
                       for i in ids},
         "confusion_matrix": confusion_matrix(gold, pred, labels=ids).tolist(),
@@ -123,78 +126,67 @@ def triage_metrics(route_human: np.ndarray, pred_intent: np.ndarray, gold: Gold,
     return out
 
 
-def decide(probs: dict[str, np.ndarray], intent_routes: list[str], thresholds: Thresholds):
-    return TriagePolicy(intent_routes, thresholds).decide(probs["intent"], probs["urgent"], probs["refund_recoverable"])
+def dev_metrics(logits: dict[str, np.ndarray], records: list[dict[str, Any]], taxonomy,
+                weights: dict[str, float]) -> dict[str, float]:
+    """The per-epoch dev figures of training (raw logits, threshold 0) and their weighted ``score``."""
+    intent_true = np.array([taxonomy.intent_id(r["intent"]) for r in records])
+    intent_pred = logits["intent_logits"].argmax(1)
+    urgent_known = np.array([r.get("urgent") is not None for r in records], dtype=bool)  # partial labels
+    urgent_true = np.array([r["urgent"] for r in records], dtype=object)[urgent_known].astype(int)
+    urgent_pred = (logits["urgent_logit"][urgent_known] > 0).astype(int)
+    refund_mask = np.array([r["refund_recoverable"] is not None for r in records])
+    m = {
+        "intent_accuracy": float((intent_true == intent_pred).mean()),
+        "intent_macro_f1": macro_f1(intent_true, intent_pred, taxonomy.num_intents),
+        "urgent_f1": float(f1_score(urgent_true, urgent_pred, zero_division=0)),
+        "urgent_auc": float(roc_auc_score(urgent_true, logits["urgent_logit"][urgent_known]))
+        if len(set(urgent_true)) > 1 else 0.5,
+    }
+    if refund_mask.any():
+        rt = np.array([r["refund_recoverable"] for r in records])[refund_mask].astype(int)
+        rl = logits["refund_recoverable_logit"][refund_mask]
+        m["refund_f1"] = float(f1_score(rt, (rl > 0).astype(int), zero_division=0))
+        m["refund_auc"] = float(roc_auc_score(rt, rl)) if len(set(rt)) > 1 else 0.5
+    else:
+        m["refund_f1"] = m["refund_auc"] = 0.0
+    total = sum(weights.values())
+    m["score"] = float(sum(w * m[k] for k, w in weights.items()) / total)
+    return m
 
 
-def risk_coverage_curve(probs: dict[str, np.ndarray], gold: Gold, intent_routes: list[str], thresholds: Thresholds,
-                        points: int = 101) -> dict[str, Any]:
-    """Coverage and risk as the confidence threshold sweeps 0..1 (other thresholds fixed); AURC and
-    coverage at risk 2/5/10%."""
-    curve = {"threshold": [], "coverage": [], "risk": []}
-    for tau in np.linspace(0.0, 1.0, points):
-        d = decide(probs, intent_routes, Thresholds(**{**thresholds.to_dict(), "confidence": float(tau)}))
-        m = triage_metrics(d.to_human, d.intent_id, gold)
-        curve["threshold"].append(float(tau))
-        curve["coverage"].append(m["coverage"])
-        curve["risk"].append(m["risk"])
-    cov, risk = np.array(curve["coverage"]), np.array(curve["risk"])
-    order = np.argsort(cov)
-    c_sorted, r_sorted = cov[order], risk[order]
-    # area under the risk-coverage curve over the coverage range reached (trapezoid), normalised by it
-    span = c_sorted[-1] - c_sorted[0]
-    aurc = float(np.trapezoid(r_sorted, c_sorted) / span) if span > 0 else float(r_sorted.mean())
-    at = {f"coverage_at_risk_{int(x * 100)}": float(cov[risk <= x].max()) if (risk <= x).any() else 0.0
-          for x in (0.02, 0.05, 0.10)}
-    return {"curve": curve, "aurc": aurc, **at}
+# ---------------------------------------------------------------------------------------------------
+# Calibration
+# ---------------------------------------------------------------------------------------------------
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
+    """ECE with equal-width bins: sum over bins of |accuracy - mean confidence| weighted by bin size."""
+    confidence, correct = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
+    if not len(confidence):
+        return 0.0
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        m = bins == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - confidence[m].mean())
+    return float(ece)
 
 
-def tune_thresholds(probs: dict[str, np.ndarray], gold: Gold, intent_routes: list[str], operating_point: dict[str, float],
-                    margin: float = 0.0, grid: int = 21) -> dict[str, Any]:
-    """Grid search on dev: maximise coverage s.t. risk <= max_bot_risk, urgent recall >= min_urgent_recall,
-    recoverable capture >= min_recoverable_capture. When no point meets all, the one with the smallest total
-    shortfall (then the largest coverage) is returned with ``constraints_met: False`` and the shortfalls."""
-    max_risk = float(operating_point["max_bot_risk"])
-    min_urgent = float(operating_point["min_urgent_recall"])
-    min_capture = float(operating_point["min_recoverable_capture"])
-    qs = np.linspace(0, 1, grid)
+def reliability_curve(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> dict[str, list[float]]:
+    confidence, correct = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    out: dict[str, list[float]] = {"confidence": [], "accuracy": [], "count": []}
+    for b in range(n_bins):
+        m = bins == b
+        if m.any():
+            out["confidence"].append(float(confidence[m].mean()))
+            out["accuracy"].append(float(correct[m].mean()))
+            out["count"].append(int(m.sum()))
+    return out
 
-    def candidates(values: np.ndarray) -> np.ndarray:
-        vals = np.unique(np.concatenate([np.quantile(values, qs) if len(values) else [], [0.5]]))
-        return np.clip(vals, 0.0, 1.0)
 
-    refund_rows = probs["refund_recoverable"][gold.refund >= 0]
-    intent_p = probs["intent"]
-    top2 = -np.sort(-intent_p, axis=1)[:, :2] if intent_p.shape[1] > 1 else np.hstack([intent_p, np.zeros_like(intent_p)])
-    top1, margin_ok = top2[:, 0], (top2[:, 0] - top2[:, 1]) >= margin
-    pred = intent_p.argmax(axis=1)
-    pred_route = np.asarray(intent_routes, dtype=object)[pred]
-    error = gold.should_reach_human | (pred != gold.intent)  # wrong if the bot takes it
-    urgent, recoverable = gold.urgent == 1, gold.recoverable
-    conf_grid = candidates(top1)
-    best, best_key = None, None
-    # For fixed urgent/recoverable thresholds, a message goes to the bot iff no rule forces it to a human and
-    # its top intent probability clears τ_conf: sweep all τ_conf at once as a [C, N] matrix.
-    for tu, tr in itertools.product(candidates(probs["urgent"]), candidates(refund_rows)):
-        forced = (probs["urgent"] >= tu) | (pred_route == "human") | (
-            (pred_route == "refund_triage") & (np.nan_to_num(probs["refund_recoverable"]) >= tr))
-        bot = (~forced & margin_ok)[None, :] & (top1[None, :] >= conf_grid[:, None])
-        n_bot = bot.sum(1)
-        coverage = n_bot / max(len(gold), 1)
-        risk = np.where(n_bot > 0, (bot & error).sum(1) / np.maximum(n_bot, 1), 0.0)
-        urgent_recall = 1 - (bot & urgent).sum(1) / urgent.sum() if urgent.any() else np.ones(len(conf_grid))
-        capture = 1 - (bot & recoverable).sum(1) / recoverable.sum() if recoverable.any() else np.ones(len(conf_grid))
-        shortfall = (np.maximum(0, risk - max_risk) + np.maximum(0, min_urgent - urgent_recall)
-                     + np.maximum(0, min_capture - capture)).round(6)
-        i = int(np.lexsort((-coverage, shortfall))[0])
-        key = (float(shortfall[i]), -float(coverage[i]))
-        if best_key is None or key < best_key:
-            th = Thresholds(urgent=float(tu), recoverable=float(tr), confidence=float(conf_grid[i]), margin=margin)
-            d = decide(probs, intent_routes, th)
-            best_key, best = key, {"thresholds": th, "dev_metrics": triage_metrics(d.to_human, d.intent_id, gold),
-                                   "shortfall": {"risk": max(0.0, float(risk[i]) - max_risk),
-                                                 "urgent_recall": max(0.0, min_urgent - float(urgent_recall[i])),
-                                                 "recoverable_capture": max(0.0, min_capture - float(capture[i]))}}
-    assert best is not None
-    best["constraints_met"] = best_key[0] == 0
-    return best
+def head_confidence(head: str, probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence of the predicted class, whether it is right) for ECE and reliability diagrams."""
+    if head == "intent":
+        return probs.max(axis=1), (probs.argmax(axis=1) == labels)
+    pred = probs >= 0.5
+    return np.where(pred, probs, 1 - probs), (pred == (labels == 1))

@@ -43,8 +43,11 @@ class TfidfLogRegBaseline:
     def fit(self, records: list[dict[str, Any]], taxonomy) -> TfidfLogRegBaseline:
         x = _texts(records, self.context_turns)
         self.intent = self._pipe().fit(x, [taxonomy.intent_id(r["intent"]) for r in records])
-        self.urgent = self._pipe().fit(x, [int(r["urgent"]) for r in records])
-        refund = [(t, r["refund_recoverable"]) for t, r in zip(x, records, strict=True) if r["refund_recoverable"] is not None]
+        # partial labels: each binary head learns from the rows that carry its label
+        urgent = [(t, int(r["urgent"])) for t, r in zip(x, records, strict=True) if r.get("urgent") is not None]
+        self.urgent = self._pipe().fit(*zip(*urgent, strict=True)) if len({y for _, y in urgent}) == 2 else None
+        refund = [(t, r["refund_recoverable"]) for t, r in zip(x, records, strict=True)
+                  if r.get("refund_recoverable") is not None]
         self.refund = self._pipe().fit(*zip(*refund, strict=True)) if len({y for _, y in refund}) == 2 else None
         return self
 
@@ -52,7 +55,7 @@ class TfidfLogRegBaseline:
         x = _texts(records, self.context_turns)
         probs = np.full((len(x), self.num_intents), 1e-6)
         probs[:, self.intent.classes_] = self.intent.predict_proba(x)
-        urgent = self.urgent.predict_proba(x)[:, list(self.urgent.classes_).index(1)]
+        urgent = self.urgent.predict_proba(x)[:, 1] if self.urgent is not None else np.full(len(x), 0.5)
         refund = self.refund.predict_proba(x)[:, 1] if self.refund is not None else np.full(len(x), 0.5)
         return {"intent_logits": np.log(probs / probs.sum(1, keepdims=True)), "urgent_logit": _log_odds(urgent),
                 "refund_recoverable_logit": _log_odds(refund)}

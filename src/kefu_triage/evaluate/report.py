@@ -120,6 +120,9 @@ def markdown(metrics: dict[str, Any], results: list[dict[str, Any]], taxonomy) -
                       ("urgent", "precision"), ("urgent", "recall"), ("refund_recoverable", "roc_auc"),
                       ("refund_recoverable", "precision"), ("refund_recoverable", "recall")):
         lines.append(f"| {head} {key} | " + " | ".join(_fmt(r["metrics"][head].get(key)) for r in results) + " |")
+    lines += ["", f"Rows per head (labels may be partial; a head skips rows without its label): intent "
+              f"{ds[ds['eval_split']]['rows']}, urgent {m['urgent'].get('n')}, refund_recoverable "
+              f"{m['refund_recoverable'].get('n')}."]
     lines += ["", "## Where the model wins and loses (intent F1 per class, model minus peer)", "",
               "| intent | route | support | model F1 | " + " | ".join(f"Δ vs {n}" for n in names[1:]) + " |",
               "|---|---|---|---|" + "---|" * (len(names) - 1)]
@@ -147,8 +150,83 @@ def markdown(metrics: dict[str, Any], results: list[dict[str, Any]], taxonomy) -
             lines.append(f"- {s['real_turns_rows']} real JDDC customer turns: bot share {s['real_turns_bot_share']:.1%}; "
                          f"reasons {s['real_turns_reasons']}; top predicted intents {top}.")
         lines.append("")
+    lines += extra_sets_markdown(metrics.get("extra_sets") or {}, metrics.get("extra_sets_skipped") or [])
     lines += ["Plots: see report.html. Worst mistakes: errors.jsonl.", ""]
     return "\n".join(lines)
+
+
+EXTRA_ROWS = (("intent accuracy", ("intent", "accuracy")), ("intent macro-F1 (intents in the set)", ("intent", "macro_f1")),
+              ("mean intent confidence", ("intent", "mean_confidence")),
+              ("confidence minus accuracy", ("intent", "confidence_minus_accuracy")),
+              ("intent ECE", ("calibration", "intent_ece")), ("urgent ROC-AUC", ("urgent", "roc_auc")),
+              ("urgent recall (head, τ_urgent)", ("urgent", "recall")), ("urgent ECE", ("calibration", "urgent_ece")),
+              ("refund_recoverable ROC-AUC", ("refund_recoverable", "roc_auc")),
+              ("route agreement", ("triage", "route_agreement")), ("bot coverage", ("triage", "coverage")),
+              ("bot risk", ("triage", "risk")), ("urgent escalation recall", ("triage", "urgent_recall")),
+              ("AURC (lower is better)", ("triage", "aurc")))
+
+
+def extra_sets_markdown(sets: dict[str, Any], skipped: list[str]) -> list[str]:
+    """One section per extra set: the model next to the peers, with the policy tuned on synthetic dev."""
+    if not sets and not skipped:
+        return []
+    lines = ["## Extra sets (temperatures and policy tuned on synthetic dev, applied as-is)", ""]
+    if skipped:
+        lines += [f"Skipped (paths.shared_dir/data/real not found): {', '.join(skipped)}.", ""]
+    for name, s in sets.items():
+        scorers = {"model": s["model"], **s["baselines"]}
+        lab = s["labelled"]
+        lines += [f"### {name}", "",
+                  f"`{s['file']}`: {s['rows']} rows; rows per head: intent {lab['intent']}, urgent {lab['urgent']}, "
+                  f"refund_recoverable {lab['refund_recoverable']}"
+                  + (f"; texts also in train: {s['texts_in_train']}" if "texts_in_train" in s else "")
+                  + ". Unknown urgent/refund labels count as 0 in bot risk; route agreement uses the "
+                  f"{s['model']['triage']['route_rows']} rows whose labels decide the gold route.", "",
+                  "| metric | " + " | ".join(scorers) + " |", "|---|" + "---|" * len(scorers)]
+        for label, (head, key) in EXTRA_ROWS:
+            values = [m.get(head, {}).get(key) for m in scorers.values()]
+            if any(v is not None for v in values):
+                lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in values) + " |")
+        for level in s["model"]["by_difficulty"]:
+            lines.append(f"| accuracy, difficulty {level} (n={s['model']['by_difficulty'][level]['n']}) | "
+                         + " | ".join(_fmt(m["by_difficulty"][level]["accuracy"]) for m in scorers.values()) + " |")
+        lines += ["", "| intent | support | " + " | ".join(f"recall {n}" for n in scorers) + " |",
+                  "|---|---|" + "---|" * len(scorers)]
+        for intent, r in s["model"]["intent"]["per_intent_recall"].items():
+            lines.append(f"| {intent} | {r['support']} | "
+                         + " | ".join(_fmt(m["intent"]["per_intent_recall"][intent]["recall"]) for m in scorers.values())
+                         + " |")
+        lines += ["", "Top confusions (model, gold → predicted): " + ", ".join(
+            f"{c['gold']} → {c['pred']} {c['count']}" for c in s["model"]["intent"]["top_confusions"]), ""]
+    return lines
+
+
+def extra_set_plots(extra: list[dict[str, Any]]) -> dict[str, str]:
+    """Per extra set: intent reliability diagram and risk-coverage curve, model and peers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = {}
+    for e in extra:
+        fig, (rel_ax, rc_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for scorer, p in e["plots"].items():
+            rel = p["reliability"]["intent"]
+            rel_ax.plot(rel["confidence"], rel["accuracy"], marker="o", label=scorer)
+            rc_ax.plot(p["curve"]["coverage"], p["curve"]["risk"], label=scorer)
+            rc_ax.scatter(*p["operating"], marker="o")
+        rel_ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+        rel_ax.set_xlabel("intent confidence")
+        rel_ax.set_ylabel("accuracy")
+        rel_ax.set_title(f"{e['name']}: intent reliability")
+        rel_ax.legend()
+        rc_ax.set_xlabel("bot coverage")
+        rc_ax.set_ylabel("bot risk")
+        rc_ax.set_title(f"{e['name']}: risk-coverage (dots = tuned policy)")
+        rc_ax.legend()
+        plots[f"extra_{e['name']}"] = _png(fig)
+    return plots
 
 
 def _md_to_html(md: str) -> str:
@@ -169,7 +247,9 @@ def _md_to_html(md: str) -> str:
             out.append("</table>")
             in_table = False
         esc = html.escape(line).replace("**", "")
-        if line.startswith("## "):
+        if line.startswith("### "):
+            out.append(f"<h3>{esc[4:]}</h3>")
+        elif line.startswith("## "):
             out.append(f"<h2>{esc[3:]}</h2>")
         elif line.startswith("# "):
             out.append(f"<h1>{esc[2:]}</h1>")
@@ -182,9 +262,10 @@ def _md_to_html(md: str) -> str:
     return "\n".join(out)
 
 
-def write_report(out_dir: Path, metrics: dict[str, Any], results: list[dict[str, Any]], records, gold, taxonomy) -> None:
+def write_report(out_dir: Path, metrics: dict[str, Any], results: list[dict[str, Any]], records, gold, taxonomy,
+                 extra: list[dict[str, Any]] | None = None) -> None:
     md = markdown(metrics, results, taxonomy)
-    plots = make_plots(results, taxonomy)
+    plots = {**make_plots(results, taxonomy), **extra_set_plots(extra or [])}
     figures = "\n".join(f'<h2>{html.escape(k.replace("_", " "))}</h2><img alt="{k}" src="data:image/png;base64,{v}">'
                         for k, v in plots.items())
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>kefu-triage evaluation</title>

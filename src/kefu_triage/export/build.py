@@ -23,12 +23,21 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kefu_triage import __version__
-from kefu_triage.core.artifact import MANIFEST, SCHEMA_VERSION
-from kefu_triage.core.fileio import atomic_directory, atomic_write_json, atomic_write_text, sha256_file
-from kefu_triage.core.heads import OUTPUT_NAMES, probabilities
-from kefu_triage.core.inputs import MAX_MESSAGE_CHARS, MAX_TURN_CHARS, ROLE_PREFIX
+from kefu_triage.core.artifact import SCHEMA_VERSION, write_manifest
+from kefu_triage.core.fileio import atomic_directory, atomic_write_text, sha256_file
+from kefu_triage.core.heads import OUTPUT_NAMES, POOLED_OUTPUT, probabilities
+from kefu_triage.core.inputs import (
+    MAX_MESSAGE_CHARS,
+    MAX_TURN_CHARS,
+    ROLE_PREFIX,
+    encode_inputs,
+    pad_encodings,
+)
+from kefu_triage.core.novelty import METHOD as NOVELTY_METHOD
+from kefu_triage.core.novelty import NOVELTY_FILE, NoveltyModel
 from kefu_triage.core.policy import Thresholds, TriagePolicy
 from kefu_triage.data.records import read_examples
+from kefu_triage.evaluate.metrics import macro_f1
 from kefu_triage.export.quantize import prepare_int8, quantize_prepared
 from kefu_triage.model.multitask import load_model, predict_logits
 from kefu_triage.runtime.model import TriageModel
@@ -50,7 +59,7 @@ class _OnnxHeads(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        return out.intent_logits, out.urgent_logit, out.refund_recoverable_logit
+        return out.intent_logits, out.urgent_logit, out.refund_recoverable_logit, out.pooled
 
 
 def load_policy(model_dir: Path, cfg: DictConfig) -> dict[str, Any]:
@@ -70,10 +79,10 @@ def export_onnx(model, input_names: list[str], path: Path, opset: int) -> None:
              "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
              "token_type_ids": torch.zeros(2, 4, dtype=torch.long)}
     axes = {n: {0: "batch", 1: "sequence"} for n in input_names}
-    axes.update({"intent_logits": {0: "batch"}, "urgent_logit": {0: "batch"}, "refund_recoverable_logit": {0: "batch"}})
+    axes.update({n: {0: "batch"} for n in (*OUTPUT_NAMES, POOLED_OUTPUT)})
     with torch.no_grad():
         torch.onnx.export(_OnnxHeads(model), tuple(dummy[n] for n in input_names), str(path), dynamo=False,
-                          input_names=input_names, output_names=list(OUTPUT_NAMES), dynamic_axes=axes,
+                          input_names=input_names, output_names=[*OUTPUT_NAMES, POOLED_OUTPUT], dynamic_axes=axes,
                           opset_version=opset, do_constant_folding=True)
 
 
@@ -91,14 +100,37 @@ def optimize(raw: Path, fp32: Path, num_heads: int, hidden: int) -> dict[str, in
 def calibration_feeds(tokenizer, model_config, records: list[dict[str, Any]], input_names: list[str],
                       batch_size: int = 32):
     """Padded numpy batches of ``records`` tokenised as the runtime does, for activation calibration."""
-    from kefu_triage.model.multitask import encode
+    from kefu_triage.model.multitask import input_tokenizer
 
     records = sorted(records, key=lambda r: len(r["text"]))
+    backend = input_tokenizer(tokenizer, model_config.max_seq_length)
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
-        batch = encode(tokenizer, [r["text"] for r in chunk], [r.get("context") for r in chunk],
-                       model_config.context_turns, model_config.max_seq_length, padding=True, return_tensors="np")
-        yield {n: np.asarray(batch[n], dtype=np.int64) for n in input_names}
+        encodings = encode_inputs(backend, [r["text"] for r in chunk], [r.get("context") for r in chunk],
+                                  model_config.context_turns)
+        yield pad_encodings(encodings, tokenizer.pad_token_id, input_names)
+
+
+def novelty_statistics(cfg: DictConfig, model, tokenizer, taxonomy, model_dir: Path) -> NoveltyModel | None:
+    """The novelty statistics for the artifact: the ones `make eval` fitted and tuned the novelty threshold
+    on (model_dir/novelty.npz), else fitted here from data.train_file (class means, shared covariance) with
+    data.dev_file as the reference CDF; None (no novelty gate) when neither is possible."""
+    from kefu_triage.evaluate.calibration import fit_novelty
+
+    stored = model_dir / NOVELTY_FILE
+    if stored.is_file():
+        return NoveltyModel.load(stored)
+    nov = cfg.policy.get("novelty") or {}
+    train_file, dev_file = cfg.data.get("train_file"), cfg.data.get("dev_file")
+    if not nov.get("enabled", True) or not all(f and Path(f).is_file() for f in (train_file, dev_file)):
+        print(f"WARNING: {stored} not found and data.train_file/dev_file unavailable (or policy.novelty.enabled="
+              "false): the artifact has no novelty statistics, predictions carry novelty null", file=sys.stderr)
+        return None
+    print(f"WARNING: {stored} not found (run `make eval` first to tune the novelty threshold): fitting novelty "
+          f"statistics on {train_file}", file=sys.stderr)
+    return fit_novelty(lambda rows: predict_logits(model, tokenizer, rows, pooled=True),
+                       read_examples(train_file, taxonomy), read_examples(dev_file, taxonomy), taxonomy,
+                       max_rows=int(nov.get("max_train_rows", 3000)), seed=int(nov.get("seed", 0)))
 
 
 def calibration_records(cfg: DictConfig, taxonomy) -> list[dict[str, Any]]:
@@ -118,30 +150,34 @@ class ParityCheck:
     """The PyTorch reference on the gate's messages, computed once; each ONNX model is compared against it:
     max |Δprob|, route agreement, intent macro-F1 drop."""
 
-    def __init__(self, model, tokenizer, records: list[dict[str, Any]], policy: dict[str, Any], taxonomy):
+    def __init__(self, model, tokenizer, records: list[dict[str, Any]], policy: dict[str, Any], taxonomy,
+                 novelty: NoveltyModel | None = None):
         self.records, self.taxonomy, self.temps = records, taxonomy, policy["temperatures"]
         self.policy = TriagePolicy(taxonomy.routes, Thresholds.from_mapping(policy["thresholds"]))
-        self.torch_p = probabilities(predict_logits(model, tokenizer, records), self.temps)
-        self.torch_routes = self._routes(self.torch_p)
+        logits = predict_logits(model, tokenizer, records, pooled=novelty is not None)
+        self.torch_p = probabilities(logits, self.temps)
+        # the novelty gate is part of the route, so int8 must agree on it too
+        self.torch_novelty = novelty.score(logits[POOLED_OUTPUT]) if novelty is not None else None
+        self.torch_routes = self._routes({**self.torch_p, "novelty": self.torch_novelty})
         self.gold = (np.array([taxonomy.intent_id(r["intent"]) for r in records])
                      if all("intent" in r for r in records) else None)
         self.torch_macro_f1 = self._macro_f1(self.torch_p["intent"]) if self.gold is not None else None
 
     def _routes(self, p: dict[str, np.ndarray]) -> np.ndarray:
-        return self.policy.decide(p["intent"], p["urgent"], p["refund_recoverable"]).route
+        return self.policy.decide_heads(p).route
 
     def _macro_f1(self, intent_p: np.ndarray) -> float:
-        from sklearn.metrics import f1_score
-
-        ids = list(range(self.taxonomy.num_intents))
-        return f1_score(self.gold, intent_p.argmax(1), labels=ids, average="macro", zero_division=0)
+        return macro_f1(self.gold, intent_p.argmax(1), self.taxonomy.num_intents)
 
     def compare(self, artifact_dir: Path, precision: str) -> dict[str, float]:
         rt = TriageModel.load(artifact_dir, precision=precision, verify_hashes=False)
-        p = probabilities(rt.score([r["text"] for r in self.records], [r.get("context") for r in self.records]),
-                          self.temps)
+        scores = rt.score([r["text"] for r in self.records], [r.get("context") for r in self.records])
+        p = probabilities(scores, self.temps)
+        novelty = rt.novelty_scores(scores)
         out = {f"{precision}_max_abs_prob_diff": float(max(np.abs(p[k] - self.torch_p[k]).max() for k in p)),
-               f"{precision}_route_agreement": float((self._routes(p) == self.torch_routes).mean())}
+               f"{precision}_route_agreement": float((self._routes({**p, "novelty": novelty}) == self.torch_routes).mean())}
+        if novelty is not None and self.torch_novelty is not None:
+            out[f"{precision}_max_abs_novelty_diff"] = float(np.abs(novelty - self.torch_novelty).max())
         if self.gold is not None:
             out[f"{precision}_intent_macro_f1_drop"] = float(self.torch_macro_f1 - self._macro_f1(p["intent"]))
         return out
@@ -242,6 +278,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         fused = optimize(tmp / "model.raw.onnx", tmp / "model.onnx", enc.num_attention_heads, enc.hidden_size)
         (tmp / "model.raw.onnx").unlink()
         tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+        novelty = novelty_statistics(cfg, model, tokenizer, taxonomy, model_dir)
+        if novelty is not None:
+            novelty.save(tmp / NOVELTY_FILE)
         data_summary = model_dir / "data_summary.json"
         eval_summary = policy.get("test_metrics") or {}
         manifest = {
@@ -257,9 +296,16 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             "input": {"names": input_names, "max_length": mcfg.max_seq_length, "context_turns": mcfg.context_turns,
                       "role_prefix": ROLE_PREFIX, "max_message_chars": MAX_MESSAGE_CHARS, "max_turn_chars": MAX_TURN_CHARS,
                       "pad_token_id": tokenizer.pad_token_id},
-            "output": {"names": list(OUTPUT_NAMES)},
+            "output": {"names": list(OUTPUT_NAMES), "pooled": POOLED_OUTPUT},
+            "novelty": None if novelty is None else {
+                "file": NOVELTY_FILE, "method": NOVELTY_METHOD, "classes": int(novelty.means.shape[0]),
+                "reference_points": int(len(novelty.reference)), "shrinkage": novelty.shrinkage,
+                "scale": "empirical CDF of held-out reference messages: novelty 0.95 = more unusual than 95%"},
             "encoder": {"name": mcfg.encoder_name, "hidden_size": enc.hidden_size, "layers": enc.num_hidden_layers,
-                        "vocab_size": enc.vocab_size, "pooling": mcfg.pooling},
+                        "vocab_size": enc.vocab_size, "pooling": mcfg.pooling,
+                        # which model this is: a distilled student names its teacher (kefu_triage.train.distill)
+                        "role": "student" if getattr(mcfg, "distilled_from", None) else "trained",
+                        "distilled_from": getattr(mcfg, "distilled_from", None)},
             "training_data": json.loads(data_summary.read_text(encoding="utf-8")) if data_summary.is_file() else None,
             "eval_metrics": eval_summary,
             "fused_ops": fused,
@@ -269,8 +315,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             "files": {},
         }
         # first without hashes (the parity runs load it), then the real manifest
-        atomic_write_json(tmp / MANIFEST, manifest)
-        checker = ParityCheck(model, tokenizer, records, policy, taxonomy)
+        write_manifest(tmp, manifest)
+        checker = ParityCheck(model, tokenizer, records, policy, taxonomy, novelty)
         figures = {"rows": len(records), **checker.compare(tmp, "fp32")}
         failures = check_gate(figures, cfg.parity)
         if failures and cfg.parity.enforce:
@@ -291,10 +337,11 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         manifest["quantization"] = quantization
         manifest["parity"] = {**figures, "passed": not failures}
         manifest["files"] = {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size}
-                             for n in ("model.onnx", "model.int8.onnx", "tokenizer.json")}
+                             for n in ("model.onnx", "model.int8.onnx", "tokenizer.json")
+                             + ((NOVELTY_FILE,) if novelty is not None else ())}
         atomic_write_text(tmp / "README.md", model_card(manifest))
         manifest["files"]["README.md"] = {"sha256": sha256_file(tmp / "README.md"), "bytes": (tmp / "README.md").stat().st_size}
-        atomic_write_json(tmp / MANIFEST, manifest)
+        manifest = write_manifest(tmp, manifest)  # with manifest_sha256: triage.json covers itself
         TriageModel.load(tmp)  # the artifact as a user will load it: hashes and schema verified
     shutil.rmtree(out_dir / "__pycache__", ignore_errors=True)
     return manifest

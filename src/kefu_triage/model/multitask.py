@@ -22,8 +22,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from kefu_triage.core.heads import OUTPUT_NAMES
-from kefu_triage.core.inputs import build_input
+from kefu_triage.core.heads import OUTPUT_NAMES, POOLED_OUTPUT
+from kefu_triage.core.inputs import configure_tokenizer, encode_inputs, pad_encodings
 
 
 class KefuTriageConfig(PretrainedConfig):
@@ -95,6 +95,7 @@ class TriageOutput(ModelOutput):
     intent_logits: torch.Tensor | None = None
     urgent_logit: torch.Tensor | None = None
     refund_recoverable_logit: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None  # the pooled encoder state before head dropout (novelty scoring)
 
 
 class KefuTriageModel(PreTrainedModel):
@@ -162,7 +163,8 @@ class KefuTriageModel(PreTrainedModel):
     ) -> TriageOutput:
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        pooled = self.dropout(self.pool(hidden, attention_mask))
+        state = self.pool(hidden, attention_mask)
+        pooled = self.dropout(state)
         intent_logits = self.intent_head(pooled)
         urgent_logit = self.urgent_head(pooled).squeeze(-1)
         refund_logit = self.refund_head(pooled).squeeze(-1)
@@ -170,7 +172,7 @@ class KefuTriageModel(PreTrainedModel):
         if intent_labels is not None:
             loss = self.compute_loss(intent_logits, urgent_logit, refund_logit, intent_labels, urgent_labels, refund_labels)
         return TriageOutput(loss=loss, intent_logits=intent_logits, urgent_logit=urgent_logit,
-                            refund_recoverable_logit=refund_logit)
+                            refund_recoverable_logit=refund_logit, pooled=state)
 
     def compute_loss(self, intent_logits, urgent_logit, refund_logit, intent_labels, urgent_labels, refund_labels):
         cfg, w = self.config, self.config.loss_weights
@@ -182,20 +184,20 @@ class KefuTriageModel(PreTrainedModel):
         weights = self.intent_class_weights.to(intent_logits.dtype)[intent_labels]
         loss = w.get("intent", 1.0) * ce.sum() / weights.sum()
         if urgent_labels is not None:
-            loss = loss + w.get("urgent", 1.0) * F.binary_cross_entropy_with_logits(
-                urgent_logit, urgent_labels.to(urgent_logit.dtype),
-                pos_weight=urgent_logit.new_tensor(cfg.urgent_pos_weight))
+            loss = loss + w.get("urgent", 1.0) * _masked_bce(urgent_logit, urgent_labels, cfg.urgent_pos_weight)
         if refund_labels is not None:
-            # masked: only examples with a refund label (>= 0) train this head; never a fake 0
-            mask = refund_labels >= 0
-            if mask.any():
-                refund_loss = F.binary_cross_entropy_with_logits(
-                    refund_logit[mask], refund_labels[mask].to(refund_logit.dtype),
-                    pos_weight=refund_logit.new_tensor(cfg.refund_pos_weight))
-            else:  # keep the head in the graph (DDP expects every parameter to get a gradient)
-                refund_loss = refund_logit.sum() * 0.0
-            loss = loss + w.get("refund_recoverable", 1.0) * refund_loss
+            loss = loss + w.get("refund_recoverable", 1.0) * _masked_bce(refund_logit, refund_labels,
+                                                                          cfg.refund_pos_weight)
         return loss
+
+
+def _masked_bce(logit: torch.Tensor, labels: torch.Tensor, pos_weight: float) -> torch.Tensor:
+    """Binary cross-entropy over the rows with a label (>= 0); -1 = unknown or not applicable, never a fake 0."""
+    mask = labels >= 0
+    if not mask.any():  # keep the head in the graph (DDP expects every parameter to get a gradient)
+        return logit.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logit[mask], labels[mask].to(logit.dtype),
+                                              pos_weight=logit.new_tensor(pos_weight))
 
 
 AutoConfig.register(KefuTriageConfig.model_type, KefuTriageConfig, exist_ok=True)
@@ -220,41 +222,51 @@ def load_model(model_dir: str | Path):
     return model, tokenizer
 
 
+def input_tokenizer(tokenizer, max_length: int):
+    """The ``tokenizers.Tokenizer`` behind a HF fast tokenizer, configured as the runtime reads input (a copy:
+    the HF wrapper keeps its own truncation state)."""
+    from tokenizers import Tokenizer
+
+    key = (max_length, "_kefu_input_tokenizer")
+    cached = getattr(tokenizer, "_kefu_input_tokenizers", None)
+    if cached is None:
+        cached = {}
+        tokenizer._kefu_input_tokenizers = cached
+    if key not in cached:
+        cached[key] = configure_tokenizer(Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()), max_length)
+    return cached[key]
+
+
 def encode(tokenizer, texts: Sequence[Any], contexts: Sequence[Any] | None, context_turns: int, max_length: int,
            padding: bool = False, return_tensors: str | None = None) -> dict[str, Any]:
-    """Tokenise messages (+ previous turns as a second segment) exactly as the runtime does."""
-    contexts = contexts if contexts is not None else [None] * len(texts)
-    pairs = [build_input(t, c, context_turns) for t, c in zip(texts, contexts, strict=True)]
-    firsts = [p[0] for p in pairs]
-    seconds = [p[1] for p in pairs]
-    kwargs = dict(truncation="longest_first", max_length=max_length, padding=padding, return_tensors=return_tensors)
-    if any(s is not None for s in seconds):
-        # a message without context gets an empty second segment only when others in the batch have one;
-        # tokenising it alone (as the runtime does) must give the same ids, so split the batch
-        with_ctx = [i for i, s in enumerate(seconds) if s is not None]
-        if len(with_ctx) != len(seconds):
-            parts = [encode(tokenizer, [texts[i]], [contexts[i]], context_turns, max_length) for i in range(len(texts))]
-            out = {k: [p[k][0] for p in parts] for k in parts[0]}
-            return tokenizer.pad(out, return_tensors=return_tensors) if padding else out
-        return dict(tokenizer(firsts, seconds, **kwargs))
-    return dict(tokenizer(firsts, **kwargs))
+    """Token ids of messages (+ previous turns) built exactly as the runtime builds them (core.inputs)."""
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tokenizer.model_input_names]
+    encodings = encode_inputs(input_tokenizer(tokenizer, max_length), texts, contexts, context_turns)
+    if padding:
+        feed = pad_encodings(encodings, tokenizer.pad_token_id, names)
+        return {k: torch.from_numpy(v) for k, v in feed.items()} if return_tensors == "pt" else feed
+    rows = {"input_ids": [e.ids for e in encodings], "attention_mask": [e.attention_mask for e in encodings],
+            "token_type_ids": [e.type_ids for e in encodings]}
+    return {k: rows[k] for k in names}
 
 
 @torch.no_grad()
-def predict_logits(model: KefuTriageModel, tokenizer, records: Sequence[dict[str, Any]], batch_size: int = 64
-                   ) -> dict[str, np.ndarray]:
-    """Raw logits of the three heads for records with ``text`` (and optional ``context``)."""
+def predict_logits(model: KefuTriageModel, tokenizer, records: Sequence[dict[str, Any]], batch_size: int = 64,
+                   pooled: bool = False) -> dict[str, np.ndarray]:
+    """Raw logits of the three heads for records with ``text`` (and optional ``context``); with ``pooled``
+    also the pooled encoder state under POOLED_OUTPUT ([N, hidden], for novelty)."""
     model.eval()
     cfg = model.config
     order = sorted(range(len(records)), key=lambda i: len(records[i]["text"]))  # less padding
-    outs: dict[str, list[np.ndarray]] = {k: [] for k in OUTPUT_NAMES}
+    keys = OUTPUT_NAMES + ((POOLED_OUTPUT,) if pooled else ())
+    outs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = encode(tokenizer, [records[i]["text"] for i in idx], [records[i].get("context") for i in idx],
                        cfg.context_turns, cfg.max_seq_length, padding=True, return_tensors="pt")
         out = model(**{k: v.to(device) for k, v in batch.items()})
-        for k in OUTPUT_NAMES:
+        for k in keys:
             outs[k].append(getattr(out, k).float().cpu().numpy())
     result = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in outs.items()}
     inverse = np.argsort(np.asarray(order, dtype=int))

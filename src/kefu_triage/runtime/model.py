@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from kefu_triage.core.artifact import MANIFEST, MODEL_FILES, ArtifactError, read_manifest
-from kefu_triage.core.heads import OUTPUT_NAMES, probabilities
-from kefu_triage.core.inputs import InputError, build_input
+from kefu_triage.core.heads import OUTPUT_NAMES, POOLED_OUTPUT, probabilities
+from kefu_triage.core.inputs import InputError, configure_tokenizer, encode_inputs, pad_encodings
+from kefu_triage.core.novelty import NoveltyError, NoveltyModel
 from kefu_triage.core.policy import Thresholds, TriagePolicy
 from kefu_triage.core.taxonomy import Taxonomy
 
@@ -38,10 +39,25 @@ class TriageModel:
         self.thresholds = Thresholds.from_mapping(manifest["policy"]["thresholds"], source=f"{MANIFEST}: policy.thresholds")
         self.policy = TriagePolicy(self.taxonomy.routes, self.thresholds)
         self._refund = np.array([r == "refund_triage" for r in self.taxonomy.routes])
+        # novelty: the graph's pooled state + the artifact's statistics (both absent in older artifacts)
+        graph_outputs = {o.name for o in session.get_outputs()} if hasattr(session, "get_outputs") else set()
+        self.output_names = list(OUTPUT_NAMES) + ([POOLED_OUTPUT] if POOLED_OUTPUT in graph_outputs else [])
+        self.novelty: NoveltyModel | None = None
+        spec = manifest.get("novelty")
+        if spec and POOLED_OUTPUT in self.output_names:
+            try:  # read_manifest has checked the file's sha256 against triage.json
+                self.novelty = NoveltyModel.load(artifact_dir / str(spec.get("file")))
+            except NoveltyError as exc:
+                raise ArtifactError(f"{artifact_dir / MANIFEST}: novelty: {exc}") from None
 
     @classmethod
     def load(cls, path: str | Path, precision: str = "int8", threads: int | None = None, batch_size: int = 32,
-             expected_intents: Sequence[str] | None = None, verify_hashes: bool = True) -> TriageModel:
+             expected_intents: Sequence[str] | None = None, verify_hashes: bool = True,
+             batch_independent: bool | None = None) -> TriageModel:
+        """``batch_independent`` (default: True for int8): score one message per onnxruntime call. Dynamic int8
+        picks its activation scales per call, so in a batch a message's scores would move with its batch
+        mates; alone they are exact and repeatable. For the 4-layer student this costs no measurable
+        throughput (docs/distillation.md); fp32 results do not depend on batch mates (to ~1e-6) either way."""
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -62,37 +78,28 @@ class TriageModel:
             tokenizer = Tokenizer.from_file(str(artifact_dir / "tokenizer.json"))
         except Exception as exc:  # onnxruntime / tokenizers raise their own types for a damaged file
             raise ArtifactError(f"{artifact_dir}: cannot load the {precision} model or tokenizer: {exc}") from None
-        tokenizer.no_padding()
-        tokenizer.enable_truncation(int(manifest["input"]["max_length"]), strategy="longest_first")
-        return cls(artifact_dir, manifest, session, tokenizer, batch_size)
+        configure_tokenizer(tokenizer, int(manifest["input"]["max_length"]))
+        if batch_independent is None:
+            batch_independent = precision == "int8"
+        return cls(artifact_dir, manifest, session, tokenizer, 1 if batch_independent else batch_size)
 
     # ---- inputs ------------------------------------------------------------------------------------
-    def _inputs(self, texts: Any, contexts: Any) -> list[tuple[str, str | None]]:
+    def _encode(self, texts: Any, contexts: Any) -> list:
         if isinstance(texts, str):
             texts = [texts]
         if not isinstance(texts, (list, tuple)):
             raise ValueError(f"texts must be a list of strings, got {type(texts).__name__}")
         if contexts is not None and (not isinstance(contexts, (list, tuple)) or len(contexts) != len(texts)):
             raise ValueError("contexts must be None or a list with one entry (a list of turns, or None) per text")
-        pairs = []
-        for i, text in enumerate(texts):
-            try:
-                pairs.append(build_input(text, contexts[i] if contexts is not None else None, self.context_turns))
-            except InputError as exc:
-                raise ValueError(f"texts[{i}]: {exc}") from None
-        return pairs
+        try:
+            return encode_inputs(self.tokenizer, texts, contexts, self.context_turns)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
 
     def _run(self, encodings: list) -> dict[str, np.ndarray]:
-        width = max(len(e.ids) for e in encodings)
-        ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(encodings), width), dtype=np.int64)
-        types = np.zeros((len(encodings), width), dtype=np.int64)
-        for row, e in enumerate(encodings):
-            n = len(e.ids)
-            ids[row, :n], mask[row, :n], types[row, :n] = e.ids, 1, e.type_ids
-        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        outs = self.session.run(list(OUTPUT_NAMES), {k: feed[k] for k in self.input_names})
-        return dict(zip(OUTPUT_NAMES, outs, strict=True))
+        feed = pad_encodings(encodings, self.pad_id, self.input_names)
+        outs = self.session.run(self.output_names, feed)
+        return dict(zip(self.output_names, outs, strict=True))
 
     def _length_groups(self, lengths: list[int]) -> list[tuple[int, int]]:
         """Split token lengths sorted ascending into [start, end) batches of at most ``batch_size`` whose
@@ -106,23 +113,36 @@ class TriageModel:
         return groups + [(start, len(lengths))] if lengths else groups
 
     def score(self, texts: Any, contexts: Any = None) -> dict[str, np.ndarray]:
-        """Raw logits of the three heads, in input order (batched by similar length to limit padding)."""
-        pairs = self._inputs(texts, contexts)
-        if not pairs:
-            return {"intent_logits": np.zeros((0, len(self.intent_names)), np.float32),
-                    "urgent_logit": np.zeros(0, np.float32), "refund_recoverable_logit": np.zeros(0, np.float32)}
-        encodings = self.tokenizer.encode_batch([p if p[1] is not None else p[0] for p in pairs])
+        """Raw logits of the three heads (and the pooled state under ``"pooled"`` when the graph has it), in input
+        order (batched by similar length to limit padding)."""
+        encodings = self._encode(texts, contexts)
+        if not encodings:
+            empty = {"intent_logits": np.zeros((0, len(self.intent_names)), np.float32),
+                     "urgent_logit": np.zeros(0, np.float32), "refund_recoverable_logit": np.zeros(0, np.float32)}
+            if POOLED_OUTPUT in self.output_names:
+                empty[POOLED_OUTPUT] = np.zeros((0, int(self.manifest.get("encoder", {}).get("hidden_size", 0))),
+                                                np.float32)
+            return empty
         order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
         lengths = [len(encodings[i].ids) for i in order]
         parts = [self._run([encodings[i] for i in order[s:e]]) for s, e in self._length_groups(lengths)]
         inverse = np.argsort(np.asarray(order))
-        return {k: np.concatenate([p[k] for p in parts])[inverse] for k in OUTPUT_NAMES}
+        return {k: np.concatenate([p[k] for p in parts])[inverse] for k in self.output_names}
+
+    def novelty_scores(self, scores: dict[str, np.ndarray]) -> np.ndarray | None:
+        """Novelty in [0, 1] of :meth:`score`'s output (None when the artifact has no novelty statistics)."""
+        if self.novelty is None or POOLED_OUTPUT not in scores:
+            return None
+        return self.novelty.score(scores[POOLED_OUTPUT]) if len(scores[POOLED_OUTPUT]) else np.zeros(0)
 
     def predict(self, texts: Any, contexts: Any = None) -> list[dict[str, Any]]:
-        """One dict per text: intent, intent_prob, top_intents, urgent_prob, refund_recoverable_prob, route, reason."""
+        """One dict per text: intent, intent_prob, margin, top_intents, urgent_prob, refund_recoverable_prob,
+        novelty (null without novelty statistics), route, reason: the scores the policy compared with its
+        thresholds, and what it decided."""
         logits = self.score(texts, contexts)
         p = probabilities(logits, self.temperatures)
-        d = self.policy.decide(p["intent"], p["urgent"], p["refund_recoverable"])
+        novelty = self.novelty_scores(logits)
+        d = self.policy.decide(p["intent"], p["urgent"], p["refund_recoverable"], novelty)
         results = []
         for i in range(len(d.route)):
             top = np.argsort(-p["intent"][i])[:3]
@@ -130,9 +150,11 @@ class TriageModel:
             results.append({
                 "intent": self.intent_names[k],
                 "intent_prob": round(float(p["intent"][i, k]), 6),
+                "margin": round(float(d.margin[i]), 6),
                 "top_intents": [{"intent": self.intent_names[j], "prob": round(float(p["intent"][i, j]), 6)} for j in top],
                 "urgent_prob": round(float(p["urgent"][i]), 6),
                 "refund_recoverable_prob": round(float(p["refund_recoverable"][i]), 6) if self._refund[k] else None,
+                "novelty": round(float(novelty[i]), 6) if novelty is not None else None,
                 "route": str(d.route[i]),
                 "reason": str(d.reason[i]),
             })

@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from sklearn.metrics import f1_score, roc_auc_score
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from kefu_triage.core.fileio import atomic_directory, atomic_write_json, atomic_write_text
 from kefu_triage.core.taxonomy import Taxonomy, taxonomy_from_config
 from kefu_triage.data.records import load_split_records, summarize, to_dataset
+from kefu_triage.evaluate.metrics import dev_metrics
 from kefu_triage.model.encoders import load_encoder
 from kefu_triage.model.multitask import KefuTriageConfig, KefuTriageModel, encode, predict_logits
 
@@ -113,32 +113,6 @@ def make_collator(tokenizer):
 # ---------------------------------------------------------------------------------------------------
 # Metrics used for model selection (the full report lives in kefu_triage.evaluate.metrics)
 # ---------------------------------------------------------------------------------------------------
-def dev_metrics(logits: dict[str, np.ndarray], records: list[dict[str, Any]], taxonomy: Taxonomy,
-                weights: dict[str, float]) -> dict[str, float]:
-    intent_true = np.array([taxonomy.intent_id(r["intent"]) for r in records])
-    intent_pred = logits["intent_logits"].argmax(1)
-    urgent_true = np.array([r["urgent"] for r in records])
-    urgent_pred = (logits["urgent_logit"] > 0).astype(int)
-    refund_mask = np.array([r["refund_recoverable"] is not None for r in records])
-    m = {
-        "intent_accuracy": float((intent_true == intent_pred).mean()),
-        "intent_macro_f1": float(f1_score(intent_true, intent_pred, average="macro",
-                                          labels=list(range(taxonomy.num_intents)), zero_division=0)),
-        "urgent_f1": float(f1_score(urgent_true, urgent_pred, zero_division=0)),
-        "urgent_auc": float(roc_auc_score(urgent_true, logits["urgent_logit"])) if len(set(urgent_true)) > 1 else 0.5,
-    }
-    if refund_mask.any():
-        rt = np.array([r["refund_recoverable"] for r in records])[refund_mask].astype(int)
-        rl = logits["refund_recoverable_logit"][refund_mask]
-        m["refund_f1"] = float(f1_score(rt, (rl > 0).astype(int), zero_division=0))
-        m["refund_auc"] = float(roc_auc_score(rt, rl)) if len(set(rt)) > 1 else 0.5
-    else:
-        m["refund_f1"] = m["refund_auc"] = 0.0
-    total = sum(weights.values())
-    m["score"] = float(sum(w * m[k] for k, w in weights.items()) / total)
-    return m
-
-
 # ---------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------
@@ -149,9 +123,10 @@ def class_weights(records: list[dict[str, Any]], taxonomy: Taxonomy, power: floa
     return (raw / raw.mean()).round(4).tolist()
 
 
-def build_model(cfg: DictConfig, taxonomy: Taxonomy, train_records: list[dict[str, Any]]):
-    encoder, tokenizer = load_encoder(cfg.model, cache_dir=cfg.paths.cache_dir)
-    urgent_rate = max(np.mean([r["urgent"] for r in train_records]), 1e-3)
+def build_model(cfg: DictConfig, taxonomy: Taxonomy, train_records: list[dict[str, Any]], encoder_and_tokenizer=None):
+    encoder, tokenizer = encoder_and_tokenizer or load_encoder(cfg.model, cache_dir=cfg.paths.cache_dir)
+    urgent = [r["urgent"] for r in train_records if r.get("urgent") is not None]  # unknown labels are masked
+    urgent_rate = max(float(np.mean(urgent)) if urgent else 0.5, 1e-3)
     refund = [r["refund_recoverable"] for r in train_records if r["refund_recoverable"] is not None]
     refund_rate = float(np.mean(refund)) if refund else 0.5
     m = cfg.trainer
@@ -237,6 +212,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if (cfg.get("adapt") or {}).get("self_training", {}).get("rounds", 0):
+        from kefu_triage.train.self_training import (
+            self_train,  # rounds of train() on labelled + pseudo-labelled
+        )
+
+        return self_train(cfg, run_dir)
     t = cfg.trainer
     _seed_everything(t.seed)
     taxonomy = taxonomy_from_config(cfg.taxonomy)
@@ -249,7 +230,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         cpu=t.device == "cpu", mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum_steps
     )
     is_main = accelerator.is_main_process
-    model, tokenizer = build_model(cfg, taxonomy, train_records)
+    adapted = None
+    if cfg.get("adapt") and cfg.adapt.get("unlabeled_file") and cfg.adapt.mlm.enabled:
+        from kefu_triage.train.adapt import adapt_encoder  # domain-adaptive MLM on unlabelled turns (cached)
+
+        adapted = adapt_encoder(cfg, [r for s in ("dev", "test", "eval") for r in splits.get(s, [])])[:2]
+    model, tokenizer = build_model(cfg, taxonomy, train_records, adapted)
     train_ds = tokenize_split(train_records, taxonomy, tokenizer, cfg.data.context_turns, cfg.model.max_length)
     sampler = LengthGroupedSampler(train_ds["length"], cfg.model.batch_size, t.seed)
     loader = DataLoader(train_ds.remove_columns("length"), batch_sampler=sampler, collate_fn=make_collator(tokenizer),
