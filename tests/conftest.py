@@ -81,13 +81,32 @@ def run_smoke_pipeline(root: Path, extra: tuple[str, ...] = ()) -> dict:
     summary = train(cfg, root / "run")
     model_dir = root / "models" / "smoke"
     data = [f"data.dir={root / 'data' / 'smoke'}"]
-    eval_cfg = compose("eval", paths + data + [f"model_dir={model_dir}", f"output_dir={root / 'reports'}",
-                                               "tuning.grid=11", "sanity.enabled=false"])
+    eval_cfg = compose(
+        "eval",
+        paths
+        + data
+        + [
+            f"model_dir={model_dir}",
+            f"output_dir={root / 'reports'}",
+            "tuning.grid=11",
+            "sanity.enabled=false",
+        ],
+    )
     metrics = evaluate(eval_cfg)
-    export_cfg = compose("export", paths + data + [f"model_dir={model_dir}", f"output_dir={root / 'artifact'}"])
+    export_cfg = compose(
+        "export", paths + data + [f"model_dir={model_dir}", f"output_dir={root / 'artifact'}"]
+    )
     export(export_cfg)
-    return {"root": root, "model_dir": model_dir, "reports": root / "reports", "artifact": root / "artifact",
-            "data_dir": root / "data" / "smoke", "summary": summary, "metrics": metrics, "run_dir": root / "run"}
+    return {
+        "root": root,
+        "model_dir": model_dir,
+        "reports": root / "reports",
+        "artifact": root / "artifact",
+        "data_dir": root / "data" / "smoke",
+        "summary": summary,
+        "metrics": metrics,
+        "run_dir": root / "run",
+    }
 
 
 @pytest.fixture(scope="session")

@@ -47,10 +47,22 @@ def test_regress_fails_when_baseline_is_raised_beyond_tolerance(smoke, tmp_path,
 
 def test_metrics_json_has_stable_keys(smoke):
     flat = flatten(json.loads((smoke["reports"] / "metrics.json").read_text()))
-    for key in ("model.intent.macro_f1", "model.intent.accuracy", "model.urgent.roc_auc", "model.urgent.recall",
-                "model.refund_recoverable.roc_auc", "model.triage.coverage", "model.triage.risk",
-                "model.triage.bot_resolved_share", "model.triage.urgent_recall", "model.triage.recoverable_capture",
-                "model.triage.human_share", "model.triage.agents_needed", "model.triage.aurc",
-                "model.triage.coverage_at_risk_5", "baselines.tfidf_lr.intent.macro_f1",
-                "baselines.keyword_rules.triage.coverage"):
+    for key in (
+        "model.intent.macro_f1",
+        "model.intent.accuracy",
+        "model.urgent.roc_auc",
+        "model.urgent.recall",
+        "model.refund_recoverable.roc_auc",
+        "model.triage.coverage",
+        "model.triage.risk",
+        "model.triage.bot_resolved_share",
+        "model.triage.urgent_recall",
+        "model.triage.recoverable_capture",
+        "model.triage.human_share",
+        "model.triage.agents_needed",
+        "model.triage.aurc",
+        "model.triage.coverage_at_risk_5",
+        "baselines.tfidf_lr.intent.macro_f1",
+        "baselines.keyword_rules.triage.coverage",
+    ):
         assert key in flat, key

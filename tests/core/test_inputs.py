@@ -9,7 +9,7 @@ def test_clean_text_drops_control_chars_and_collapses_space():
 
 def test_clean_text_keeps_emoji_sequences():
     # the zero-width joiner inside a family emoji must survive
-    family = "\U0001F468\u200d\U0001F469\u200d\U0001F467"
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"
     assert clean_text(f"谢谢{family}") == f"谢谢{family}"
 
 

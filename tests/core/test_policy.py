@@ -42,7 +42,9 @@ def test_thresholds_are_applied_inclusively():
     assert decide([0.5, 0.3, 0.2], 0.1, np.nan)[1] == "bot_intent"  # confidence == τ is confident enough
 
 
-@pytest.mark.parametrize("bad", [{"urgent": 1.5}, {"confidence": -0.1}, {"margin": "high"}, {"recoverable": True}])
+@pytest.mark.parametrize(
+    "bad", [{"urgent": 1.5}, {"confidence": -0.1}, {"margin": "high"}, {"recoverable": True}]
+)
 def test_threshold_validation(bad):
     with pytest.raises(PolicyError, match=list(bad)[0]):
         Thresholds.from_mapping(bad)
@@ -73,8 +75,9 @@ TN = Thresholds(urgent=0.5, recoverable=0.6, confidence=0.5, margin=0.1, novelty
 
 
 def decide_novel(intent, urgent, refund, novelty, thresholds=TN):
-    d = TriagePolicy(ROUTES, thresholds).decide(np.array([intent]), np.array([urgent]), np.array([refund]),
-                                                np.array([novelty]))
+    d = TriagePolicy(ROUTES, thresholds).decide(
+        np.array([intent]), np.array([urgent]), np.array([refund]), np.array([novelty])
+    )
     return d.route[0], d.reason[0]
 
 
@@ -100,8 +103,9 @@ def test_default_novelty_threshold_never_fires():
 
 
 def test_decisions_carry_the_scores():
-    d = TriagePolicy(ROUTES, TN).decide(np.array([[0.6, 0.3, 0.1]]), np.array([0.2]), np.array([np.nan]),
-                                        np.array([0.4]))
+    d = TriagePolicy(ROUTES, TN).decide(
+        np.array([[0.6, 0.3, 0.1]]), np.array([0.2]), np.array([np.nan]), np.array([0.4])
+    )
     assert d.intent_prob[0] == pytest.approx(0.6) and d.margin[0] == pytest.approx(0.3)
     assert d.novelty[0] == pytest.approx(0.4)
 

@@ -60,13 +60,17 @@ def test_user_taxonomy_via_config_path(tmp_path):
     path.write_text("intents: {ask: {route: bot}, angry: {route: human}, refund: {route: refund_triage}}")
     t = taxonomy_from_config({"path": str(path)})
     assert t.intent_names == ["ask", "angry", "refund"] and t.refund_intents == ["refund"]
-    assert taxonomy_from_config({"intents": {"x": {"route": "bot"}, "y": {"route": "human"}}}).num_intents == 2
+    assert (
+        taxonomy_from_config({"intents": {"x": {"route": "bot"}, "y": {"route": "human"}}}).num_intents == 2
+    )
     assert DEFAULT_TAXONOMY_PATH.is_file()
 
 
 def test_json_taxonomy_and_bad_heads(tmp_path):
     good = tmp_path / "t.json"
-    good.write_text(json.dumps({"intents": {"a": {"route": "bot"}, "b": {"route": "refund_triage"}}}), encoding="utf-8")
+    good.write_text(
+        json.dumps({"intents": {"a": {"route": "bot"}, "b": {"route": "refund_triage"}}}), encoding="utf-8"
+    )
     assert load_taxonomy(good).refund_intents == ["b"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"intents": {"a": {"route": "bot"}, "b": {"route": "human"}}, "heads": [1]}))

@@ -16,8 +16,10 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def _cfg(tmp_path, name, *extra):
-    return compose("prepare_data", [f"paths.root_dir={tmp_path}", f"data.dir={tmp_path / name}",
-                                    "data.generator.size=800", *extra])
+    return compose(
+        "prepare_data",
+        [f"paths.root_dir={tmp_path}", f"data.dir={tmp_path / name}", "data.generator.size=800", *extra],
+    )
 
 
 def _rows(path):
@@ -40,26 +42,51 @@ def test_make_data_writes_splits_and_stats_deterministically(tmp_path):
         assert s["urgent_rate"] == round(sum(r["urgent"] for r in rows) / len(rows), 4)
         assert s["refund_firm"] == sum(r["refund_recoverable"] == 0 for r in rows)
         assert s["groups"] == len({r["group_id"] for r in rows})
-        assert list(rows[0]) == ["id", "text", "context", "intent", "urgent", "refund_recoverable", "group_id", "source"]
+        assert list(rows[0]) == [
+            "id",
+            "text",
+            "context",
+            "intent",
+            "urgent",
+            "refund_recoverable",
+            "group_id",
+            "source",
+        ]
     assert (out / "train.jsonl").read_text() != (tmp_path / "c" / "train.jsonl").read_text()
     assert json.loads((out / "stats.json").read_text(encoding="utf-8")) == stats
     assert stats["split_check"]["leakage"] == {"train->dev": 0, "train->test": 0, "dev->test": 0}
     md = (out / "stats.md").read_text(encoding="utf-8")
     assert "| logistics | bot |" in md and "| urgent rate |" in md and "seed / template groups" in md
     assert "| dialogue rows |" in md and stats["generator"]["dialogue_share"] == 0.2
-    assert stats["generator"]["report"]["dialogue_rows"]["train"] == stats["splits"]["train"]["sources"]["dialogue"] > 0
+    assert (
+        stats["generator"]["report"]["dialogue_rows"]["train"]
+        == stats["splits"]["train"]["sources"]["dialogue"]
+        > 0
+    )
 
 
 def _fake_generator(bad=None, leak=False):
     def generate(seed, size, dev_fraction, test_fraction, taxonomy, **options):
-        row = {"context": [], "intent": "logistics", "urgent": 0, "refund_recoverable": None, "source": "template"}
-        out = {s: [{**row, "id": f"{s}-{i}", "text": f"{s} 快递到哪了 {i}", "group_id": f"tpl:{s}:{i % 2}"}
-                   for i in range(3)] for s in ("train", "dev", "test")}
+        row = {
+            "context": [],
+            "intent": "logistics",
+            "urgent": 0,
+            "refund_recoverable": None,
+            "source": "template",
+        }
+        out = {
+            s: [
+                {**row, "id": f"{s}-{i}", "text": f"{s} 快递到哪了 {i}", "group_id": f"tpl:{s}:{i % 2}"}
+                for i in range(3)
+            ]
+            for s in ("train", "dev", "test")
+        }
         if bad:
             out["dev"][1].update(bad)
         if leak:
             out["test"][0]["text"] = out["train"][2]["text"]
         return {**out, "stats": {"dropped_duplicates": {}, "dropped_leaked": {}}}
+
     return generate
 
 
@@ -90,9 +117,18 @@ def test_make_data_entry_point(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
         [sys.executable, "-m", "kefu_triage.data", f"paths.root_dir={tmp_path}", "data.generator.size=500"],
-        capture_output=True, text=True, env=env, timeout=120)
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| rows |" in proc.stdout
     assert {p.name for p in (tmp_path / "data" / "embedded").iterdir()} == {
-        "train.jsonl", "dev.jsonl", "test.jsonl", "stats.md", "stats.json"}
+        "train.jsonl",
+        "dev.jsonl",
+        "test.jsonl",
+        "stats.md",
+        "stats.json",
+    }
     assert list((tmp_path / "outputs" / "prepare_data").glob("*/prepare_data.log"))

@@ -40,12 +40,21 @@ MINI_LEXICON = {
     "mix": {"logistics": 5, "return_refund": 3, "human_agent": 1},
     "urgent_rate": {"default": 0.2},
     "slots": {"product": ["鞋子", "手机", "台灯"], "days": ["两", "三"]},
-    "prefixes": ["亲"], "suffixes": ["谢谢"], "urgent_cues": ["气死了", "急急急", "问三遍了", "要投诉了"],
-    "homophones": {"的": ["得"]}, "traditional": {"这": "這"}, "protected_terms": ["退", "人工"],
+    "prefixes": ["亲"],
+    "suffixes": ["谢谢"],
+    "urgent_cues": ["气死了", "急急急", "问三遍了", "要投诉了"],
+    "homophones": {"的": ["得"]},
+    "traditional": {"这": "這"},
+    "protected_terms": ["退", "人工"],
 }
 MINI_TEMPLATES = {
-    "logistics": [{"id": f"l{i}", "u": i % 2, "t": [f"{{product}}到哪了{i}", f"物流{{days}}天没动{i}"]} for i in range(3)],
-    "return_refund": [{"id": f"r{i}", "u": 0, "r": i % 2, "t": [f"{{product}}想退{i}", f"退款{i}到了吗"]} for i in range(4)],
+    "logistics": [
+        {"id": f"l{i}", "u": i % 2, "t": [f"{{product}}到哪了{i}", f"物流{{days}}天没动{i}"]}
+        for i in range(3)
+    ],
+    "return_refund": [
+        {"id": f"r{i}", "u": 0, "r": i % 2, "t": [f"{{product}}想退{i}", f"退款{i}到了吗"]} for i in range(4)
+    ],
     "human_agent": [{"id": f"h{i}", "u": 0, "t": [f"转人工{i}", f"人工{i}号"]} for i in range(3)],
 }
 
@@ -54,13 +63,27 @@ def _write(tmp_path, templates=None, lexicon=None, seeds=None):
     tdir, sdir = tmp_path / "templates", tmp_path / "seed"
     tdir.mkdir()
     sdir.mkdir()
-    (tdir / "lexicon.yaml").write_text(json.dumps(lexicon or MINI_LEXICON, ensure_ascii=False), encoding="utf-8")
-    (tdir / "mini.yaml").write_text(json.dumps(templates or MINI_TEMPLATES, ensure_ascii=False), encoding="utf-8")
+    (tdir / "lexicon.yaml").write_text(
+        json.dumps(lexicon or MINI_LEXICON, ensure_ascii=False), encoding="utf-8"
+    )
+    (tdir / "mini.yaml").write_text(
+        json.dumps(templates or MINI_TEMPLATES, ensure_ascii=False), encoding="utf-8"
+    )
     if seeds is None:
-        seeds = [{"seed_id": f"{intent}-{i:03d}", "text": f"{intent} 种子 {i}", "intent": intent, "urgent": i % 2,
-                  "refund_recoverable": (i % 2) if intent == "return_refund" else None}
-                 for intent in MINI_LEXICON["mix"] for i in range(8)]
-    (sdir / "all.jsonl").write_text("\n".join(json.dumps(s, ensure_ascii=False) for s in seeds) + "\n", encoding="utf-8")
+        seeds = [
+            {
+                "seed_id": f"{intent}-{i:03d}",
+                "text": f"{intent} 种子 {i}",
+                "intent": intent,
+                "urgent": i % 2,
+                "refund_recoverable": (i % 2) if intent == "return_refund" else None,
+            }
+            for intent in MINI_LEXICON["mix"]
+            for i in range(8)
+        ]
+    (sdir / "all.jsonl").write_text(
+        "\n".join(json.dumps(s, ensure_ascii=False) for s in seeds) + "\n", encoding="utf-8"
+    )
     return {"seed_dir": sdir, "template_dir": tdir}
 
 
@@ -117,10 +140,26 @@ def test_no_exact_or_normalised_text_leaks_into_later_splits(generated):
 
 
 def test_colliding_seed_texts_are_dropped_from_later_splits_with_a_count(tmp_path):
-    seeds = [{"seed_id": f"greeting-{i:03d}", "text": "在吗", "intent": "human_agent", "urgent": 0,
-              "refund_recoverable": None} for i in range(12)]
-    seeds += [{"seed_id": f"x-{i:03d}", "text": f"快递{i}到哪了", "intent": "logistics", "urgent": 0,
-               "refund_recoverable": None} for i in range(12)]
+    seeds = [
+        {
+            "seed_id": f"greeting-{i:03d}",
+            "text": "在吗",
+            "intent": "human_agent",
+            "urgent": 0,
+            "refund_recoverable": None,
+        }
+        for i in range(12)
+    ]
+    seeds += [
+        {
+            "seed_id": f"x-{i:03d}",
+            "text": f"快递{i}到哪了",
+            "intent": "logistics",
+            "urgent": 0,
+            "refund_recoverable": None,
+        }
+        for i in range(12)
+    ]
     paths = _write(tmp_path, seeds=seeds)
     data = generate_splits(seed=0, size=400, **paths)
     where = group_splits(seed=0, **paths)
@@ -139,7 +178,10 @@ def test_every_intent_in_every_split_with_seeds_and_templates(generated):
         rows = generated[split]
         assert {r["intent"] for r in rows} == set(TAX.intent_names), split
         for source in ("seed", "template"):
-            assert {r["intent"] for r in rows if r["source"] == source} == set(TAX.intent_names), (split, source)
+            assert {r["intent"] for r in rows if r["source"] == source} == set(TAX.intent_names), (
+                split,
+                source,
+            )
 
 
 def test_labels_valid_against_the_packaged_taxonomy(generated):
@@ -152,7 +194,12 @@ def test_labels_valid_against_the_packaged_taxonomy(generated):
             else:
                 assert r["refund_recoverable"] is None, r
             assert all(t["role"] in ("customer", "agent") and t["text"] for t in r["context"])
-            assert r["text"].strip() and r["source"] in ("seed", "seed_variant", "template", *DIALOGUE_SOURCES)
+            assert r["text"].strip() and r["source"] in (
+                "seed",
+                "seed_variant",
+                "template",
+                *DIALOGUE_SOURCES,
+            )
         rows = [(i + 1, r, None) for i, r in enumerate(generated[split])]
         assert len(validate_records(rows, TAX, split)) == len(rows)  # the data contract's own validator
         refunds = Counter(r["refund_recoverable"] for r in generated[split] if r["intent"] in refund_intents)
@@ -199,8 +246,10 @@ def test_noise_keeps_protected_terms_and_placeholders():
 
 def test_generated_rows_keep_the_words_their_template_is_built_on(generated):
     res = load_resources()
-    always = {t.group_id: [w for w in ("退", "换", "投诉", "人工", "发票") if all(w in p for p in t.patterns)]
-              for t in res.templates}
+    always = {
+        t.group_id: [w for w in ("退", "换", "投诉", "人工", "发票") if all(w in p for p in t.patterns)]
+        for t in res.templates
+    }
     checked = 0
     for split in SPLITS:
         for r in generated[split]:
@@ -231,7 +280,9 @@ def test_few_templates_per_intent_still_reach_dev_and_test(tmp_path):
         for source in ("seed", "template"):
             intents = {r["intent"] for r in data[split] if r["source"] == source}
             assert intents == set(MINI_LEXICON["mix"]), (split, source)
-    refund_dev = {r["refund_recoverable"] for s in ("dev", "test") for r in data[s] if r["intent"] == "return_refund"}
+    refund_dev = {
+        r["refund_recoverable"] for s in ("dev", "test") for r in data[s] if r["intent"] == "return_refund"
+    }
     assert refund_dev == {0, 1}
 
 
@@ -263,7 +314,11 @@ def test_dialogue_rows_have_one_to_four_previous_turns_and_valid_labels(generate
             assert 1 <= len(r["context"]) <= 4, r
             assert all(t["role"] in ("customer", "agent") and t["text"].strip() for t in r["context"]), r
             family = families[r["group_id"]]  # a dialogue family's group, with the family's labels
-            assert (r["intent"], r["urgent"], r["refund_recoverable"]) == (family.intent, family.urgent, family.refund)
+            assert (r["intent"], r["urgent"], r["refund_recoverable"]) == (
+                family.intent,
+                family.urgent,
+                family.refund,
+            )
         switches = _dialogue_rows(generated, split, "dialogue_switch")
         assert switches, split
         templates = {t.group_id: t for t in res.templates}
@@ -318,50 +373,94 @@ def test_dialogue_generation_is_deterministic_and_seed_dependent(generated):
 @pytest.mark.parametrize("lead", ["agent", "customer"])
 def test_dialogue_context_keeps_the_deciding_turn_within_n_turns(lead):
     settings = load_resources().dialogue_settings
-    family = Dialogue("product_inquiry", "x", 0, None, lead, ("这款还有货吗",), ("亲 您要什么颜色呢",), ("米白的呢",))
+    family = Dialogue(
+        "product_inquiry", "x", 0, None, lead, ("这款还有货吗",), ("亲 您要什么颜色呢",), ("米白的呢",)
+    )
     rng = random.Random(0)
     for n in (1, 2, 3, 4):
         for _ in range(40):
             turns = dialogue_context(family, settings, rng, n)
             assert 1 <= len(turns) <= n
-            deciding = {"role": "agent", "text": "亲 您要什么颜色呢"} if lead == "agent" else \
-                {"role": "customer", "text": "这款还有货吗"}
+            deciding = (
+                {"role": "agent", "text": "亲 您要什么颜色呢"}
+                if lead == "agent"
+                else {"role": "customer", "text": "这款还有货吗"}
+            )
             assert deciding in turns, (n, turns)
             if lead == "agent" and n == 1:
                 assert turns == [deciding]
 
 
 MINI_DIALOGUES = {
-    "fillers": {"agent_hello": ["您好"], "customer_hello": ["在吗"], "agent_wait": ["亲 稍等"],
-                "customer_ack": ["好的"], "agent_ack": ["好的呢"], "cards": ["[链接x]"]},
-    "families": {"logistics": [{"id": f"d{i}", "u": 0, "lead": "agent", "c": [f"快递呢{i}"], "a": [f"亲 订单号是多少{i}"],
-                                "t": [f"[订单x] 第{i}单"]} for i in range(3)]},
+    "fillers": {
+        "agent_hello": ["您好"],
+        "customer_hello": ["在吗"],
+        "agent_wait": ["亲 稍等"],
+        "customer_ack": ["好的"],
+        "agent_ack": ["好的呢"],
+        "cards": ["[链接x]"],
+    },
+    "families": {
+        "logistics": [
+            {
+                "id": f"d{i}",
+                "u": 0,
+                "lead": "agent",
+                "c": [f"快递呢{i}"],
+                "a": [f"亲 订单号是多少{i}"],
+                "t": [f"[订单x] 第{i}单"],
+            }
+            for i in range(3)
+        ]
+    },
 }
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"families": {"logistics": [{"id": "d", "u": 0, "lead": "nobody", "a": ["x"], "t": ["y"]}]}}, r"lead must be"),
-    ({"families": {"logistics": [{"id": "d", "u": 0, "lead": "customer", "a": ["x"], "t": ["y"]}]}}, r"lead must be"),
-    ({"families": {"logistics": [{"id": "d", "u": 0, "r": 1, "lead": "agent", "a": ["x"], "t": ["y"]}]}},
-     r"dialogues.yaml: logistics\[0\] \(id d\): r"),
-    ({"families": {"logistics": [{"id": "d", "u": 0, "lead": "agent", "a": ["{nope}"], "t": ["y"]}]}},
-     r"unknown slot \{nope\}"),
-    ({"families": {"logistics": [{"id": "d", "u": 0, "lead": "agent", "a": ["x"], "t": []}]}}, r"t: must be"),
-    ({"fillers": {"agent_hello": ["您好"]}}, r"fillers.customer_hello"),
-    ({"slots": {"product": ["x"]}}, r"already defined"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (
+            {"families": {"logistics": [{"id": "d", "u": 0, "lead": "nobody", "a": ["x"], "t": ["y"]}]}},
+            r"lead must be",
+        ),
+        (
+            {"families": {"logistics": [{"id": "d", "u": 0, "lead": "customer", "a": ["x"], "t": ["y"]}]}},
+            r"lead must be",
+        ),
+        (
+            {
+                "families": {
+                    "logistics": [{"id": "d", "u": 0, "r": 1, "lead": "agent", "a": ["x"], "t": ["y"]}]
+                }
+            },
+            r"dialogues.yaml: logistics\[0\] \(id d\): r",
+        ),
+        (
+            {"families": {"logistics": [{"id": "d", "u": 0, "lead": "agent", "a": ["{nope}"], "t": ["y"]}]}},
+            r"unknown slot \{nope\}",
+        ),
+        (
+            {"families": {"logistics": [{"id": "d", "u": 0, "lead": "agent", "a": ["x"], "t": []}]}},
+            r"t: must be",
+        ),
+        ({"fillers": {"agent_hello": ["您好"]}}, r"fillers.customer_hello"),
+        ({"slots": {"product": ["x"]}}, r"already defined"),
+    ],
+)
 def test_broken_dialogues_name_file_and_entry(tmp_path, bad, match):
     paths = _write(tmp_path)
-    (paths["template_dir"] / "dialogues.yaml").write_text(json.dumps({**MINI_DIALOGUES, **bad}, ensure_ascii=False),
-                                                          encoding="utf-8")
+    (paths["template_dir"] / "dialogues.yaml").write_text(
+        json.dumps({**MINI_DIALOGUES, **bad}, ensure_ascii=False), encoding="utf-8"
+    )
     with pytest.raises(GeneratorError, match=match):
         generate_splits(seed=0, size=100, **paths)
 
 
 def test_small_dialogue_resources_reach_every_split(tmp_path):
     paths = _write(tmp_path)
-    (paths["template_dir"] / "dialogues.yaml").write_text(json.dumps(MINI_DIALOGUES, ensure_ascii=False),
-                                                          encoding="utf-8")
+    (paths["template_dir"] / "dialogues.yaml").write_text(
+        json.dumps(MINI_DIALOGUES, ensure_ascii=False), encoding="utf-8"
+    )
     data = generate_splits(seed=1, size=500, dialogue_share=0.2, **paths)
     for split in SPLITS:
         rows = _dialogue_rows(data, split)
@@ -374,16 +473,22 @@ def test_small_dialogue_resources_reach_every_split(tmp_path):
 
 # ---- bad resources fail clearly ----------------------------------------------------------------------------------
 def test_broken_seed_file_names_file_and_line(tmp_path):
-    (tmp_path / "x.jsonl").write_text(json.dumps({"seed_id": "a", "text": "hi"}) + "\n{oops\n", encoding="utf-8")
+    (tmp_path / "x.jsonl").write_text(
+        json.dumps({"seed_id": "a", "text": "hi"}) + "\n{oops\n", encoding="utf-8"
+    )
     with pytest.raises(GeneratorError, match=r"x.jsonl:2: invalid JSON"):
         load_seeds(tmp_path)
 
 
 def test_invalid_seed_labels_are_listed_with_file_and_line(tmp_path):
-    rows = [{"seed_id": "a", "text": "退钱", "intent": "return_refund", "urgent": 0, "refund_recoverable": None},
-            {"seed_id": "b", "text": "在吗", "intent": "greeting", "urgent": 2, "refund_recoverable": 1},
-            {"seed_id": "a", "text": "hi", "intent": "nope", "urgent": 0, "refund_recoverable": None}]
-    (tmp_path / "s.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    rows = [
+        {"seed_id": "a", "text": "退钱", "intent": "return_refund", "urgent": 0, "refund_recoverable": None},
+        {"seed_id": "b", "text": "在吗", "intent": "greeting", "urgent": 2, "refund_recoverable": 1},
+        {"seed_id": "a", "text": "hi", "intent": "nope", "urgent": 0, "refund_recoverable": None},
+    ]
+    (tmp_path / "s.jsonl").write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8"
+    )
     with pytest.raises(GeneratorError) as err:
         load_seeds(tmp_path, TAX)
     msg = str(err.value)
@@ -392,15 +497,18 @@ def test_invalid_seed_labels_are_listed_with_file_and_line(tmp_path):
     assert "s.jsonl:3: intent" in msg and "already used at s.jsonl:1" in msg
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"greeting": [{"id": "g", "u": 0, "r": 1, "t": ["你好"]}]}, r"mini.yaml: greeting\[0\] \(id g\): r"),
-    ({"return_refund": [{"id": "x", "u": 0, "t": ["退"]}]}, r"must be 0 or 1 for return_refund"),
-    ({"logistics": [{"id": "x", "u": 0, "t": ["{nope}到哪了"]}]}, r"unknown slot \{nope\}"),
-    ({"logistics": [{"id": "x", "u": 3, "t": ["到哪了"]}]}, r"u \(urgent\) must be 0 or 1"),
-    ({"logistics": [{"id": "x", "u": 0, "t": ["a"], "urgent": 1}]}, r"unknown key\(s\) \['urgent'\]"),
-    ({"no_such_intent": [{"id": "x", "u": 0, "t": ["a"]}]}, r"'no_such_intent' is not in the taxonomy"),
-    ({"logistics": [{"id": "x", "u": 0, "t": ["a"]}, {"id": "x", "u": 0, "t": ["b"]}]}, r"already used"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"greeting": [{"id": "g", "u": 0, "r": 1, "t": ["你好"]}]}, r"mini.yaml: greeting\[0\] \(id g\): r"),
+        ({"return_refund": [{"id": "x", "u": 0, "t": ["退"]}]}, r"must be 0 or 1 for return_refund"),
+        ({"logistics": [{"id": "x", "u": 0, "t": ["{nope}到哪了"]}]}, r"unknown slot \{nope\}"),
+        ({"logistics": [{"id": "x", "u": 3, "t": ["到哪了"]}]}, r"u \(urgent\) must be 0 or 1"),
+        ({"logistics": [{"id": "x", "u": 0, "t": ["a"], "urgent": 1}]}, r"unknown key\(s\) \['urgent'\]"),
+        ({"no_such_intent": [{"id": "x", "u": 0, "t": ["a"]}]}, r"'no_such_intent' is not in the taxonomy"),
+        ({"logistics": [{"id": "x", "u": 0, "t": ["a"]}, {"id": "x", "u": 0, "t": ["b"]}]}, r"already used"),
+    ],
+)
 def test_broken_templates_name_file_and_template(tmp_path, bad, match):
     paths = _write(tmp_path, templates=bad)
     with pytest.raises(GeneratorError, match=match):

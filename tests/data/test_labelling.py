@@ -515,7 +515,7 @@ def test_pool_readers_accept_unlabelled_csv_and_name_bad_lines(tmp_path):
         ("在吗", "a", "pool.parquet:1"),
         ("发票怎么开", "b", "pool.parquet:2"),
     ]
-    with pytest.raises(DataValidationError, match="no 'text' column"):
+    with pytest.raises(DataValidationError, match="columns: missing 'text'"):
         pq.write_table(pa.table({"message": ["在吗"]}), tmp_path / "bad.parquet")
         read_pool(tmp_path / "bad.parquet")
 

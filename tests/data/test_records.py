@@ -44,7 +44,11 @@ def test_bom_and_accepted_label_spellings():
 @pytest.mark.parametrize(
     "name,line,match",
     [
-        ("unknown_intent.jsonl", 1, "intent: unknown intent 'shipping' (did you mean 'shipping_time'?); known: greeting,"),
+        (
+            "unknown_intent.jsonl",
+            1,
+            "intent: unknown intent 'shipping' (did you mean 'shipping_time'?); known: greeting,",
+        ),
         ("missing_text.jsonl", 1, "text: missing"),
         ("empty_text.jsonl", 1, "text: empty"),
         ("text_not_string.jsonl", 1, "text: must be a string, got int"),
@@ -77,12 +81,26 @@ def test_each_problem_names_file_line_and_field(name, line, match):
 
 def test_every_problem_of_every_row_is_reported_at_once(tmp_path):
     p = tmp_path / "many.jsonl"
-    p.write_text((FIX / "unknown_intent.jsonl").read_text() + "\n" + (FIX / "empty_text.jsonl").read_text() + "{\n"
-                 + json.dumps({"text": 1, "intent": "x", "urgent": 3}) + "\n", encoding="utf-8")
+    p.write_text(
+        (FIX / "unknown_intent.jsonl").read_text()
+        + "\n"
+        + (FIX / "empty_text.jsonl").read_text()
+        + "{\n"
+        + json.dumps({"text": 1, "intent": "x", "urgent": 3})
+        + "\n",
+        encoding="utf-8",
+    )
     with pytest.raises(DataValidationError) as err:
         read_examples(p, TAX)
     found = [(x.split(":")[1], x.split(": ")[1].split(":")[0]) for x in err.value.problems]
-    assert found == [("1", "intent"), ("3", "text"), ("4", "json"), ("5", "text"), ("5", "intent"), ("5", "urgent")]
+    assert found == [
+        ("1", "intent"),
+        ("3", "text"),
+        ("4", "json"),
+        ("5", "text"),
+        ("5", "intent"),
+        ("5", "urgent"),
+    ]
 
 
 def test_long_problem_lists_are_capped_in_the_message_but_kept_in_full(tmp_path):
@@ -95,8 +113,10 @@ def test_long_problem_lists_are_capped_in_the_message_but_kept_in_full(tmp_path)
 
 def test_drop_invalid_counts_logs_and_writes_the_dropped_rows(tmp_path, caplog):
     p = tmp_path / "mixed.jsonl"
-    p.write_text((FIX / "good.jsonl").read_text() + (FIX / "unknown_intent.jsonl").read_text() + "{oops\n",
-                 encoding="utf-8")
+    p.write_text(
+        (FIX / "good.jsonl").read_text() + (FIX / "unknown_intent.jsonl").read_text() + "{oops\n",
+        encoding="utf-8",
+    )
     log = tmp_path / "dropped.jsonl"
     with caplog.at_level(logging.WARNING, logger="kefu_triage.data.records"):
         rows = read_examples(p, TAX, drop_invalid=True, log_path=log)
@@ -120,16 +140,24 @@ def test_a_file_with_no_valid_rows_is_an_error_even_when_dropping(tmp_path):
 
 def test_csv_loads_like_jsonl_with_physical_line_numbers(tmp_path):
     rows = read_examples(FIX / "good.csv", TAX)
-    assert [r["urgent"] for r in rows] == [0, 1, 0] and rows[2]["context"] == [{"role": "agent", "text": "您好"}]
+    assert [r["urgent"] for r in rows] == [0, 1, 0] and rows[2]["context"] == [
+        {"role": "agent", "text": "您好"}
+    ]
     assert rows[1]["refund_recoverable"] == 1 and rows[0]["refund_recoverable"] is None
     # a record is reported at the line it starts on, also when a quoted cell spans lines; "NA" stays text
     p = tmp_path / "multi.csv"
-    p.write_text('text,intent,urgent,refund_recoverable\n"两行\n的文本",logistics,2,\nNA,greting,0,\n', encoding="utf-8")
+    p.write_text(
+        'text,intent,urgent,refund_recoverable\n"两行\n的文本",logistics,2,\nNA,greting,0,\n',
+        encoding="utf-8",
+    )
     with pytest.raises(DataValidationError) as err:
         read_examples(p, TAX)
     assert [x.split(": ")[0] for x in err.value.problems] == [f"{p}:2", f"{p}:4"]
     assert "unknown intent 'greting' (did you mean 'greeting'?)" in err.value.problems[1]
-    p.write_text('text,intent,urgent,refund_recoverable\n"两行\n的文本",logistics,0,\nNA,greeting,0,\n', encoding="utf-8")
+    p.write_text(
+        'text,intent,urgent,refund_recoverable\n"两行\n的文本",logistics,0,\nNA,greeting,0,\n',
+        encoding="utf-8",
+    )
     assert [r["text"] for r in read_examples(p, TAX)] == ["两行\n的文本", "NA"]
 
 
@@ -137,11 +165,15 @@ def test_parquet_loads_like_jsonl_and_bad_parquet_is_named(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table({
-        "text": ["快递到哪了", "退款", "在吗"], "intent": ["logistics", "return_refund", "greeting"], "urgent": [0, 1, 0],
-        "refund_recoverable": [None, 0, None],
-        "context": [[], [], [{"role": "agent", "text": "您好"}]],
-    })
+    table = pa.table(
+        {
+            "text": ["快递到哪了", "退款", "在吗"],
+            "intent": ["logistics", "return_refund", "greeting"],
+            "urgent": [0, 1, 0],
+            "refund_recoverable": [None, 0, None],
+            "context": [[], [], [{"role": "agent", "text": "您好"}]],
+        }
+    )
     pq.write_table(table, tmp_path / "d.parquet")
     rows = read_examples(tmp_path / "d.parquet", TAX)
     assert [r["refund_recoverable"] for r in rows] == [None, 0, None]
@@ -163,25 +195,40 @@ def test_labels_follow_a_user_taxonomy(tmp_path):
     tax = tmp_path / "mine.yaml"
     tax.write_text("intents: {ask: {route: bot}, money_back: {route: refund_triage}}", encoding="utf-8")
     mine = load_taxonomy(tax)
-    ok = validate_examples([{"text": "退钱", "intent": "money_back", "urgent": 0, "refund_recoverable": 1}], mine)
+    ok = validate_examples(
+        [{"text": "退钱", "intent": "money_back", "urgent": 0, "refund_recoverable": 1}], mine
+    )
     assert ok[0]["refund_recoverable"] == 1
-    assert validate_examples([{"text": "退钱", "intent": "money_back", "urgent": 0}], mine)[0]["refund_recoverable"] is None
-    with pytest.raises(DataValidationError, match=r"mem:1: refund_recoverable: must be null for intent 'ask'"):
-        validate_examples([{"text": "在吗", "intent": "ask", "urgent": 0, "refund_recoverable": 0}], mine, "mem")
+    assert (
+        validate_examples([{"text": "退钱", "intent": "money_back", "urgent": 0}], mine)[0][
+            "refund_recoverable"
+        ]
+        is None
+    )
+    with pytest.raises(
+        DataValidationError, match=r"mem:1: refund_recoverable: must be null for intent 'ask'"
+    ):
+        validate_examples(
+            [{"text": "在吗", "intent": "ask", "urgent": 0, "refund_recoverable": 0}], mine, "mem"
+        )
 
 
 def test_duplicates_conflicts_and_leakage_are_reported():
     a = {**GOOD_ROW, "context": []}
     ctx = {**a, "context": [{"role": "agent", "text": "请提供订单号"}]}
     b = {**a, "text": "在吗", "intent": "greeting"}
-    report = check_splits({
-        "train": [a, dict(a, text="快递到哪了 \u200b"), ctx, b, dict(b, urgent=1)],
-        "dev": [dict(a, text=" 快递到哪了 ")],
-        "test": [b],
-    })
+    report = check_splits(
+        {
+            "train": [a, dict(a, text="快递到哪了 \u200b"), ctx, b, dict(b, urgent=1)],
+            "dev": [dict(a, text=" 快递到哪了 ")],
+            "test": [b],
+        }
+    )
     # the same text after another agent question is a different example, not a duplicate
     assert report.duplicates == {"train": 2, "dev": 0, "test": 0}
-    assert report.conflicts == {"train": 1, "dev": 0, "test": 0} and report.examples["conflict:train"] == ["在吗"]
+    assert report.conflicts == {"train": 1, "dev": 0, "test": 0} and report.examples["conflict:train"] == [
+        "在吗"
+    ]
     assert report.leakage == {"train->dev": 1, "train->test": 1, "dev->test": 0}
     assert report.examples["train->dev"] == ["快递到哪了"] and report.has_leakage
     assert "train->test: 1 leaked text(s)" in report.summary()
@@ -190,12 +237,21 @@ def test_duplicates_conflicts_and_leakage_are_reported():
 
 
 def test_load_splits_columns_and_refund_mask(tmp_path):
-    train = _jsonl(tmp_path / "train.jsonl", [GOOD_ROW, {**GOOD_ROW, "text": "不想要了退掉", "intent": "return_refund",
-                                                          "refund_recoverable": 0}])
+    train = _jsonl(
+        tmp_path / "train.jsonl",
+        [GOOD_ROW, {**GOOD_ROW, "text": "不想要了退掉", "intent": "return_refund", "refund_recoverable": 0}],
+    )
     cfg = {"train_file": str(train), "dev_file": str(FIX / "good.jsonl"), "test_file": None}
     ds = load_splits(cfg, TAX)
     assert set(ds) == {"train", "dev"}
-    assert ds["train"].column_names == ["text", "context", "intent", "intent_id", "urgent", "refund_recoverable"]
+    assert ds["train"].column_names == [
+        "text",
+        "context",
+        "intent",
+        "intent_id",
+        "urgent",
+        "refund_recoverable",
+    ]
     assert ds["train"]["refund_recoverable"] == [-1, 0] and ds["dev"]["refund_recoverable"] == [-1, 1, -1]
     assert ds["train"]["intent_id"] == [TAX.intent_id("logistics"), TAX.intent_id("return_refund")]
     assert ds["train"]["context"] == [[], []] and ds["dev"]["context"][2][0]["role"] == "agent"
@@ -214,7 +270,9 @@ def test_leakage_warns_or_fails_and_eval_file_is_checked_against_train(tmp_path,
     train = str(_jsonl(tmp_path / "train.jsonl", [{**GOOD_ROW, "text": "物流不动了"}]))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="kefu_triage.data.records"):
-        ds = load_splits({"train_file": train, "dev_file": other, "eval_file": good, "max_eval_examples": 2}, TAX)
+        ds = load_splits(
+            {"train_file": train, "dev_file": other, "eval_file": good, "max_eval_examples": 2}, TAX
+        )
     assert set(ds) == {"train", "dev", "eval"} and len(ds["eval"]) == 2 and "leak" not in caplog.text
 
 
@@ -229,7 +287,9 @@ def test_load_splits_config_errors_name_the_setting(tmp_path):
 
 def test_drop_invalid_through_the_data_config_writes_dropped_split_logs(tmp_path):
     mixed = tmp_path / "train.jsonl"
-    mixed.write_text((FIX / "good.jsonl").read_text() + (FIX / "refund_on_non_refund.jsonl").read_text(), encoding="utf-8")
+    mixed.write_text(
+        (FIX / "good.jsonl").read_text() + (FIX / "refund_on_non_refund.jsonl").read_text(), encoding="utf-8"
+    )
     dev = str(_jsonl(tmp_path / "dev.jsonl", [{**GOOD_ROW, "text": "还没发货吗"}]))
     cfg = {"train_file": str(mixed), "dev_file": dev, "drop_invalid": True, "log_dir": str(tmp_path / "logs")}
     assert len(load_splits(cfg, TAX)["train"]) == 3
@@ -255,12 +315,29 @@ def test_validate_cli_exit_codes_and_output(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ partial labels
 def test_unknown_urgent_and_refund_labels_are_kept_as_none(tmp_path):
-    rows = read_examples(_jsonl(tmp_path / "partial.jsonl", [
-        {"text": "快递到哪了", "intent": "logistics"},  # no urgent, no refund column
-        {"text": "不想要了能退吗", "intent": "return_refund", "urgent": None, "refund_recoverable": None},
-        {"text": "东西坏了要退", "intent": "return_refund", "urgent": 1},
-        {"text": "在吗", "intent": "greeting", "urgent": 0, "refund_recoverable": None, "difficulty": "easy"},
-    ]), TAX)
+    rows = read_examples(
+        _jsonl(
+            tmp_path / "partial.jsonl",
+            [
+                {"text": "快递到哪了", "intent": "logistics"},  # no urgent, no refund column
+                {
+                    "text": "不想要了能退吗",
+                    "intent": "return_refund",
+                    "urgent": None,
+                    "refund_recoverable": None,
+                },
+                {"text": "东西坏了要退", "intent": "return_refund", "urgent": 1},
+                {
+                    "text": "在吗",
+                    "intent": "greeting",
+                    "urgent": 0,
+                    "refund_recoverable": None,
+                    "difficulty": "easy",
+                },
+            ],
+        ),
+        TAX,
+    )
     assert [r["urgent"] for r in rows] == [None, None, 1, 0]
     assert [r["refund_recoverable"] for r in rows] == [None, None, None, None]
     assert rows[3]["difficulty"] == "easy"
@@ -272,15 +349,29 @@ def test_partial_label_csv_without_an_urgent_column(tmp_path):
     path.write_text("text,intent\n快递到哪了,logistics\n想退货,return_refund\n", encoding="utf-8")
     rows = read_examples(path, TAX)
     assert [(r["intent"], r["urgent"], r["refund_recoverable"]) for r in rows] == [
-        ("logistics", None, None), ("return_refund", None, None)]
+        ("logistics", None, None),
+        ("return_refund", None, None),
+    ]
 
 
-@pytest.mark.parametrize("row,match", [
-    ({"text": "退款", "intent": "logistics", "refund_recoverable": 0}, "refund_recoverable: must be null for intent"),
-    ({"text": "退款", "intent": "return_refund", "urgent": 2}, "urgent: must be 0 or 1, got 2"),
-    ({"text": "退款", "intent": "return_refund", "urgent": "maybe"}, "urgent: must be 0 or 1, got 'maybe'"),
-    ({"text": "退款", "intent": "return_refund", "refund_recoverable": 3}, "refund_recoverable: must be 0, 1 or null"),
-])
+@pytest.mark.parametrize(
+    "row,match",
+    [
+        (
+            {"text": "退款", "intent": "logistics", "refund_recoverable": 0},
+            "refund_recoverable: must be null for intent",
+        ),
+        ({"text": "退款", "intent": "return_refund", "urgent": 2}, "urgent: must be 0 or 1, got 2"),
+        (
+            {"text": "退款", "intent": "return_refund", "urgent": "maybe"},
+            "urgent: must be 0 or 1, got 'maybe'",
+        ),
+        (
+            {"text": "退款", "intent": "return_refund", "refund_recoverable": 3},
+            "refund_recoverable: must be 0, 1 or null",
+        ),
+    ],
+)
 def test_partial_labels_that_contradict_the_contract_are_still_errors(row, match):
     with pytest.raises(DataValidationError, match=match):
         validate_examples([row], TAX)
@@ -289,11 +380,14 @@ def test_partial_labels_that_contradict_the_contract_are_still_errors(row, match
 def test_unknown_labels_become_minus_one_in_the_dataset_and_count_in_the_summary(tmp_path):
     from kefu_triage.data.records import summarize, to_dataset
 
-    rows = validate_examples([
-        {"text": "快递到哪了", "intent": "logistics"},
-        {"text": "想退货", "intent": "return_refund", "urgent": 1, "refund_recoverable": None},
-        {"text": "尺码小了想退", "intent": "return_refund", "urgent": 0, "refund_recoverable": 1},
-    ], TAX)
+    rows = validate_examples(
+        [
+            {"text": "快递到哪了", "intent": "logistics"},
+            {"text": "想退货", "intent": "return_refund", "urgent": 1, "refund_recoverable": None},
+            {"text": "尺码小了想退", "intent": "return_refund", "urgent": 0, "refund_recoverable": 1},
+        ],
+        TAX,
+    )
     ds = to_dataset(rows, TAX)
     assert ds["urgent"] == [-1, 1, 0] and ds["refund_recoverable"] == [-1, -1, 1]
     s = summarize(rows)

@@ -32,8 +32,11 @@ def test_calibration_lowers_ece_and_ignores_masked_refund_rows():
     rng = np.random.default_rng(2)
     urgent = rng.normal(0, 6, len(y))
     refund = rng.normal(0, 6, len(y))
-    labels = {"intent": y, "urgent": (rng.random(len(y)) < 1 / (1 + np.exp(-urgent / 3))).astype(int),
-              "refund_recoverable": np.where(np.arange(len(y)) % 2 == 0, -1, (refund > 0).astype(int))}
+    labels = {
+        "intent": y,
+        "urgent": (rng.random(len(y)) < 1 / (1 + np.exp(-urgent / 3))).astype(int),
+        "refund_recoverable": np.where(np.arange(len(y)) % 2 == 0, -1, (refund > 0).astype(int)),
+    }
     out = calibrate({"intent_logits": z, "urgent_logit": urgent, "refund_recoverable_logit": refund}, labels)
     assert out["ece"]["intent"]["after"] < out["ece"]["intent"]["before"] / 2
     assert out["ece"]["urgent"]["after"] < out["ece"]["urgent"]["before"]
@@ -46,7 +49,13 @@ def test_ece_known_values():
 
 
 def test_probabilities_apply_temperatures():
-    p = probabilities({"intent_logits": np.array([[2.0, 0.0]]), "urgent_logit": np.array([2.0]),
-                       "refund_recoverable_logit": np.array([0.0])}, {"intent": 2.0, "urgent": 2.0})
+    p = probabilities(
+        {
+            "intent_logits": np.array([[2.0, 0.0]]),
+            "urgent_logit": np.array([2.0]),
+            "refund_recoverable_logit": np.array([0.0]),
+        },
+        {"intent": 2.0, "urgent": 2.0},
+    )
     assert np.isclose(p["intent"][0, 0], 1 / (1 + np.exp(-1)))
     assert np.isclose(p["urgent"][0], 1 / (1 + np.exp(-1))) and p["refund_recoverable"][0] == 0.5

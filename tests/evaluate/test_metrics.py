@@ -15,8 +15,12 @@ def test_triage_metrics_by_hand():
     gold = _gold([0, 0, 1, 2, 2, 0], [0, 1, 0, 0, 0, 0], [-1, -1, -1, 1, 0, -1])
     route_human = np.array([False, False, True, False, False, True])
     pred_intent = np.array([0, 0, 1, 2, 2, 0])
-    m = triage_metrics(route_human, pred_intent, gold, {"messages_per_hour": 3600, "handling_time_seconds": 60,
-                                                          "agent_occupancy": 1.0})
+    m = triage_metrics(
+        route_human,
+        pred_intent,
+        gold,
+        {"messages_per_hour": 3600, "handling_time_seconds": 60, "agent_occupancy": 1.0},
+    )
     assert m["coverage"] == pytest.approx(4 / 6)
     # bot took 4: the urgent one and the recoverable refund should have gone to a human
     assert m["risk"] == pytest.approx(2 / 4)

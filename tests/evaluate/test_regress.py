@@ -5,10 +5,20 @@ import pytest
 from kefu_triage.cli import main as cli_main
 from kefu_triage.evaluate.regress import RegressError, compare, flatten, load_tolerances, regress
 
-BASE = {"model": {"intent": {"macro_f1": 0.80}, "urgent": {"recall": 0.90}, "triage": {"coverage": 0.70, "risk": 0.04}},
-        "bench": {"int8": {"speedup": 5.0}}}
-TOL = {"model.intent.macro_f1": {"max_drop": 0.01}, "model.urgent.recall": {"max_drop": 0.02},
-       "model.triage.risk": {"max_rise": 0.02}, "bench.*.speedup": {"max_rel_drop": 0.2}}
+BASE = {
+    "model": {
+        "intent": {"macro_f1": 0.80},
+        "urgent": {"recall": 0.90},
+        "triage": {"coverage": 0.70, "risk": 0.04},
+    },
+    "bench": {"int8": {"speedup": 5.0}},
+}
+TOL = {
+    "model.intent.macro_f1": {"max_drop": 0.01},
+    "model.urgent.recall": {"max_drop": 0.02},
+    "model.triage.risk": {"max_rise": 0.02},
+    "bench.*.speedup": {"max_rel_drop": 0.2},
+}
 
 
 def _with(path, value):
@@ -62,9 +72,13 @@ def test_missing_metric_in_current_fails():
 def test_cli_exit_codes_and_table(tmp_path, capsys):
     tol = _write(tmp_path, "tol.json", {"metrics": TOL})
     base = _write(tmp_path, "base.json", BASE)
-    assert cli_main(["regress", "--baseline", str(base), "--current", str(base), "--tolerances", str(tol)]) == 0
+    assert (
+        cli_main(["regress", "--baseline", str(base), "--current", str(base), "--tolerances", str(tol)]) == 0
+    )
     worse = _write(tmp_path, "cur.json", _with("model.urgent.recall", 0.80))
-    assert cli_main(["regress", "--baseline", str(base), "--current", str(worse), "--tolerances", str(tol)]) == 1
+    assert (
+        cli_main(["regress", "--baseline", str(base), "--current", str(worse), "--tolerances", str(tol)]) == 1
+    )
     out = capsys.readouterr().out
     assert "model.urgent.recall" in out and "REGRESSED" in out
 

@@ -41,8 +41,11 @@ class NoisyOracleScorer:
         logits[np.arange(n), shown] += rng.normal(4, 1.5, n)
         urgent = np.array([r["urgent"] for r in records])
         refund = np.array([r["refund_recoverable"] or 0 for r in records])
-        return {"intent_logits": logits, "urgent_logit": 3 * (2 * urgent - 1) + rng.normal(0, 2, n),
-                "refund_recoverable_logit": 2 * (2 * refund - 1) + rng.normal(0, 2, n)}
+        return {
+            "intent_logits": logits,
+            "urgent_logit": 3 * (2 * urgent - 1) + rng.normal(0, 2, n),
+            "refund_recoverable_logit": 2 * (2 * refund - 1) + rng.normal(0, 2, n),
+        }
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +61,18 @@ def _run(tmp_path, data_dir, monkeypatch, *overrides):
     monkeypatch.setattr(evaluate_module, "TorchScorer", NoisyOracleScorer)
     model_dir = tmp_path / "model"
     model_dir.mkdir(exist_ok=True)
-    cfg = compose("eval", [f"paths.root_dir={tmp_path}", f"data.dir={data_dir}", f"model_dir={model_dir}",
-                           f"output_dir={tmp_path / 'reports'}", "tuning.grid=11", "sanity.enabled=false", *overrides])
+    cfg = compose(
+        "eval",
+        [
+            f"paths.root_dir={tmp_path}",
+            f"data.dir={data_dir}",
+            f"model_dir={model_dir}",
+            f"output_dir={tmp_path / 'reports'}",
+            "tuning.grid=11",
+            "sanity.enabled=false",
+            *overrides,
+        ],
+    )
     return evaluate_module.evaluate(cfg), tmp_path / "reports", model_dir
 
 
@@ -99,18 +112,38 @@ def test_metrics_json_stable_keys_and_values(evaluated):
     on_disk = json.loads((reports / "metrics.json").read_text(encoding="utf-8"))
     flat = flatten(on_disk)
     for scorer in ("model", "baselines.tfidf_lr", "baselines.keyword_rules"):
-        for key in ("intent.macro_f1", "intent.accuracy", "urgent.roc_auc", "urgent.pr_auc", "urgent.recall",
-                    "urgent.precision", "refund_recoverable.roc_auc", "triage.coverage", "triage.risk",
-                    "triage.bot_resolved_share", "triage.urgent_recall", "triage.recoverable_capture",
-                    "triage.human_share", "triage.agents_needed", "triage.aurc", "triage.coverage_at_risk_2",
-                    "triage.coverage_at_risk_5", "triage.coverage_at_risk_10"):
+        for key in (
+            "intent.macro_f1",
+            "intent.accuracy",
+            "urgent.roc_auc",
+            "urgent.pr_auc",
+            "urgent.recall",
+            "urgent.precision",
+            "refund_recoverable.roc_auc",
+            "triage.coverage",
+            "triage.risk",
+            "triage.bot_resolved_share",
+            "triage.urgent_recall",
+            "triage.recoverable_capture",
+            "triage.human_share",
+            "triage.agents_needed",
+            "triage.aurc",
+            "triage.coverage_at_risk_2",
+            "triage.coverage_at_risk_5",
+            "triage.coverage_at_risk_10",
+        ):
             assert f"{scorer}.{key}" in flat, f"{scorer}.{key}"
     t = on_disk["model"]["triage"]
     assert t["bot_resolved_share"] == pytest.approx(t["coverage"] * (1 - t["risk"]))
     assert t["human_share"] == pytest.approx(1 - t["coverage"])
     traffic = on_disk["traffic"]
-    assert t["agents_needed"] == pytest.approx(traffic["messages_per_hour"] * t["human_share"]
-                                               * traffic["handling_time_seconds"] / 3600 / traffic["agent_occupancy"])
+    assert t["agents_needed"] == pytest.approx(
+        traffic["messages_per_hour"]
+        * t["human_share"]
+        * traffic["handling_time_seconds"]
+        / 3600
+        / traffic["agent_occupancy"]
+    )
     assert on_disk["dataset"]["eval_split"] == "test" and on_disk["dataset"]["test"]["rows"] > 0
     assert isinstance(on_disk["operating_point"]["constraints_met"], bool)
     # the noisy oracle's urgent logits separate the classes well: the numbers are measured, not constants
@@ -147,7 +180,9 @@ def test_eval_file_is_measured_instead_of_test(tmp_path, data_dir, monkeypatch):
     rows = [json.loads(x) for x in (data_dir / "test.jsonl").read_text(encoding="utf-8").splitlines()[:40]]
     custom = tmp_path / "custom.jsonl"
     atomic_write_jsonl(custom, rows)
-    metrics, reports, _ = _run(tmp_path, data_dir, monkeypatch, f"data.eval_file={custom}", "baselines.enabled=false")
+    metrics, reports, _ = _run(
+        tmp_path, data_dir, monkeypatch, f"data.eval_file={custom}", "baselines.enabled=false"
+    )
     assert metrics["dataset"]["eval_split"] == "eval" and metrics["dataset"]["eval"]["rows"] == 40
     assert metrics["baselines"] == {}
     assert str(custom) in (reports / "report.md").read_text(encoding="utf-8")

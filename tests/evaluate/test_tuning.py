@@ -23,7 +23,9 @@ def _synthetic(n=3000, seed=0):
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     p_urgent = np.clip(0.75 * urgent + rng.normal(0.15, 0.15, n), 0, 1)
     p_refund = np.clip(0.6 * (refund == 1) + rng.normal(0.2, 0.15, n), 0, 1)
-    return {"intent": probs, "urgent": p_urgent, "refund_recoverable": p_refund}, _gold(intent, urgent, refund)
+    return {"intent": probs, "urgent": p_urgent, "refund_recoverable": p_refund}, _gold(
+        intent, urgent, refund
+    )
 
 
 def test_tuning_meets_feasible_constraints():
@@ -38,8 +40,12 @@ def test_tuning_meets_feasible_constraints():
 
 def test_tuning_reports_infeasible_constraints():
     probs, gold = _synthetic()
-    best = tune_thresholds(probs, gold, list(ROUTES), {"max_bot_risk": 0.0, "min_urgent_recall": 1.0,
-                                                       "min_recoverable_capture": 1.0})
+    best = tune_thresholds(
+        probs,
+        gold,
+        list(ROUTES),
+        {"max_bot_risk": 0.0, "min_urgent_recall": 1.0, "min_recoverable_capture": 1.0},
+    )
     # with zero allowed risk the only safe policy sends (nearly) everything to a human
     assert best["constraints_met"] or best["dev_metrics"]["coverage"] < 0.2
     if not best["constraints_met"]:
@@ -48,7 +54,9 @@ def test_tuning_reports_infeasible_constraints():
 
 def test_risk_coverage_curve_is_monotone_in_coverage():
     probs, gold = _synthetic()
-    rc = risk_coverage_curve(probs, gold, list(ROUTES), Thresholds(urgent=0.5, recoverable=0.5, confidence=0.5))
+    rc = risk_coverage_curve(
+        probs, gold, list(ROUTES), Thresholds(urgent=0.5, recoverable=0.5, confidence=0.5)
+    )
     cov = np.array(rc["curve"]["coverage"])
     assert np.all(np.diff(cov) <= 1e-12)  # raising τ_conf never raises coverage
     assert 0 <= rc["aurc"] <= 1 and rc["coverage_at_risk_2"] <= rc["coverage_at_risk_10"]
@@ -59,9 +67,15 @@ def test_tuning_uses_the_novelty_gate_when_it_helps():
     wrong = probs["intent"].argmax(1) != gold.intent
     rng = np.random.default_rng(3)
     # a novelty score that flags most wrong answers: the gate should be switched on and raise coverage
-    probs_n = {**probs, "novelty": np.clip(np.where(wrong, 0.97, 0.5) + rng.normal(0, 0.02, len(wrong)), 0, 1)}
+    probs_n = {
+        **probs,
+        "novelty": np.clip(np.where(wrong, 0.97, 0.5) + rng.normal(0, 0.02, len(wrong)), 0, 1),
+    }
     op = {"max_bot_risk": 0.03, "min_urgent_recall": 0.9, "min_recoverable_capture": 0.85}
-    without, with_ = tune_thresholds(probs, gold, list(ROUTES), op), tune_thresholds(probs_n, gold, list(ROUTES), op)
+    without, with_ = (
+        tune_thresholds(probs, gold, list(ROUTES), op),
+        tune_thresholds(probs_n, gold, list(ROUTES), op),
+    )
     assert without["thresholds"].novelty == 1.0
     assert with_["thresholds"].novelty < 1.0
     assert with_["dev_metrics"]["coverage"] > without["dev_metrics"]["coverage"]

@@ -16,10 +16,19 @@ TINY = OmegaConf.load(packaged_config("model", "tiny"))
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
     encoder, tokenizer = load_encoder(TINY)
-    cfg = KefuTriageConfig(intent_labels=TAX.intent_names, intent_routes=TAX.routes, taxonomy=TAX.to_dict(),
-                           context_turns=2, max_seq_length=64, encoder_name="tiny", head_dropout=0.0)
+    cfg = KefuTriageConfig(
+        intent_labels=TAX.intent_names,
+        intent_routes=TAX.routes,
+        taxonomy=TAX.to_dict(),
+        context_turns=2,
+        max_seq_length=64,
+        encoder_name="tiny",
+        head_dropout=0.0,
+    )
     torch.manual_seed(0)
-    return KefuTriageModel.from_encoder(encoder, cfg).eval(), tokenizer  # eval: no dropout noise in loss comparisons
+    return KefuTriageModel.from_encoder(
+        encoder, cfg
+    ).eval(), tokenizer  # eval: no dropout noise in loss comparisons
 
 
 def _batch(tokenizer, n=4):
@@ -146,4 +155,3 @@ def test_class_weights_follow_training_counts():
     assert len(w) == TAX.num_intents and abs(np.mean(w) - 1) < 1e-3
     assert w[1] / w[0] == pytest.approx(3.0, rel=1e-3)  # inverse sqrt frequency: sqrt(90 / 10)
     assert class_weights(records, TAX, power=0.0) == [1.0] * TAX.num_intents
-

@@ -14,8 +14,17 @@ from hypothesis import strategies as st
 
 from kefu_triage.runtime.model import ArtifactError, TriageModel
 
-FIELDS = {"intent", "intent_prob", "margin", "top_intents", "urgent_prob", "refund_recoverable_prob", "novelty", "route",
-          "reason"}
+FIELDS = {
+    "intent",
+    "intent_prob",
+    "margin",
+    "top_intents",
+    "urgent_prob",
+    "refund_recoverable_prob",
+    "novelty",
+    "route",
+    "reason",
+}
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +33,11 @@ def runtime(smoke):
 
 
 def test_runtime_imports_no_torch():
-    code = ("import sys, kefu_triage.runtime.model, kefu_triage.runtime.predict, kefu_triage.cli;"
-            "bad = [m for m in ('torch', 'transformers', 'datasets', 'hydra', 'sklearn', 'yaml') if m in sys.modules];"
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, kefu_triage.runtime.model, kefu_triage.runtime.predict, kefu_triage.cli;"
+        "bad = [m for m in ('torch', 'transformers', 'datasets', 'hydra', 'sklearn', 'yaml') if m in sys.modules];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
 
@@ -50,8 +61,18 @@ def test_contexts_are_used_and_validated(runtime):
         runtime.predict(["x", "y"], [None])
 
 
-@pytest.mark.parametrize("text", ["", "   ", "😀😀😀", "\x00\x01\x02 控制字符", "Mixed 中文 English ١٢٣ русский",
-                                  "急" * 100_000, "[表情]" * 50])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "   ",
+        "😀😀😀",
+        "\x00\x01\x02 控制字符",
+        "Mixed 中文 English ١٢٣ русский",
+        "急" * 100_000,
+        "[表情]" * 50,
+    ],
+)
 def test_odd_inputs_get_a_defined_result(runtime, text):
     t0 = time.time()
     out = runtime.predict([text])
@@ -76,7 +97,9 @@ def test_batching_and_order_do_not_change_results(smoke, precision, tol):
     one_by_one = [model.predict([t])[0] for t in texts[:5]]
     batched = model.predict(texts)
     for a, b in zip(one_by_one, batched[:5], strict=True):
-        assert abs(a["urgent_prob"] - b["urgent_prob"]) < tol and abs(a["intent_prob"] - b["intent_prob"]) < tol
+        assert (
+            abs(a["urgent_prob"] - b["urgent_prob"]) < tol and abs(a["intent_prob"] - b["intent_prob"]) < tol
+        )
 
 
 def test_length_groups_cap_batch_size_and_padding(smoke):
@@ -84,7 +107,9 @@ def test_length_groups_cap_batch_size_and_padding(smoke):
     lengths = [5, 6, 6, 7, 7, 9, 30, 31, 80, 90]
     groups = model._length_groups(lengths)
     assert groups[0][0] == 0 and groups[-1][1] == len(lengths)
-    assert all(a[1] == b[0] for a, b in zip(groups[:-1], groups[1:], strict=True))  # contiguous: every message scored once
+    assert all(
+        a[1] == b[0] for a, b in zip(groups[:-1], groups[1:], strict=True)
+    )  # contiguous: every message scored once
     for start, end in groups:
         assert end - start <= 4 and lengths[end - 1] <= 2 * lengths[start] + 8
     assert groups[:2] == [(0, 4), (4, 6)]  # short messages share a batch; 30 tokens start a new one

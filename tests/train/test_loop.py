@@ -21,10 +21,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(root, smoke, *extra):
-    return compose("train", SMOKE_OVERRIDES + [
-        f"paths.root_dir={root}", f"data.dir={smoke['data_dir']}", "data.max_train_examples=192",
-        "data.max_dev_examples=64", "trainer.max_epochs=2", "trainer.checkpoint_every_steps=0",
-        "trainer.early_stopping_patience=5", f"trainer.publish_dir={root / 'published'}", *extra])
+    return compose(
+        "train",
+        SMOKE_OVERRIDES
+        + [
+            f"paths.root_dir={root}",
+            f"data.dir={smoke['data_dir']}",
+            "data.max_train_examples=192",
+            "data.max_dev_examples=64",
+            "trainer.max_epochs=2",
+            "trainer.checkpoint_every_steps=0",
+            "trainer.early_stopping_patience=5",
+            f"trainer.publish_dir={root / 'published'}",
+            *extra,
+        ],
+    )
 
 
 def _dev(summary):
@@ -37,8 +48,16 @@ def _weights(model_dir):
 
 def test_smoke_run_leaves_a_complete_model_dir(smoke):
     model_dir = smoke["model_dir"]
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "train_config.yaml", "label_maps.json",
-                 "train_log.jsonl", "train_log.csv", "data_summary.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "train_config.yaml",
+        "label_maps.json",
+        "train_log.jsonl",
+        "train_log.csv",
+        "data_summary.json",
+    ):
         assert (model_dir / name).is_file(), name
     log = [json.loads(x) for x in (model_dir / "train_log.jsonl").read_text().splitlines()]
     assert {"dev_intent_macro_f1", "dev_urgent_f1", "dev_refund_f1", "dev_score"} <= set(log[0])
@@ -67,8 +86,10 @@ def test_same_seed_same_metrics_and_exact_resume(smoke, tmp_path):
         train(_cfg(tmp_path / "c", smoke, "trainer.stop_after_steps=4"), tmp_path / "c" / "run")
     state = json.loads((tmp_path / "c" / "run" / "checkpoint" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and state["epoch"] == 0
-    resumed = train(_cfg(tmp_path / "c", smoke, "trainer.resume=true", f"trainer.resume_dir={tmp_path / 'c' / 'run'}"),
-                    tmp_path / "c" / "run2")
+    resumed = train(
+        _cfg(tmp_path / "c", smoke, "trainer.resume=true", f"trainer.resume_dir={tmp_path / 'c' / 'run'}"),
+        tmp_path / "c" / "run2",
+    )
     assert _dev(resumed) == _dev(a)
     wa, wc = _weights(tmp_path / "a" / "run" / "model"), _weights(tmp_path / "c" / "run2" / "model")
     assert all(torch.allclose(wa[k], wc[k], atol=1e-6) for k in wa)
@@ -77,15 +98,35 @@ def test_same_seed_same_metrics_and_exact_resume(smoke, tmp_path):
 
 
 def _launch(args, root, **kw):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "KEFU_CACHE_DIR": str(root / "cache")}
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "KEFU_CACHE_DIR": str(root / "cache"),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def _smoke_args(root, smoke, *extra):
-    return ["kefu_triage.train", *SMOKE_OVERRIDES, f"paths.root_dir={root}", f"data.dir={smoke['data_dir']}",
-            f"hydra.run.dir={root / 'run'}", "trainer.max_epochs=30", "trainer.checkpoint_every_steps=3",
-            "trainer.early_stopping_patience=100", *extra]
+    return [
+        "kefu_triage.train",
+        *SMOKE_OVERRIDES,
+        f"paths.root_dir={root}",
+        f"data.dir={smoke['data_dir']}",
+        f"hydra.run.dir={root / 'run'}",
+        "trainer.max_epochs=30",
+        "trainer.checkpoint_every_steps=3",
+        "trainer.early_stopping_patience=100",
+        *extra,
+    ]
 
 
 def _wait_for(path, proc, timeout=120):
@@ -120,17 +161,38 @@ def test_killed_training_resumes_without_corruption(smoke, tmp_path, sig):
 def test_two_process_data_parallel_training(smoke, tmp_path):
     launcher = Path(sys.executable).parent / "accelerate"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    res = subprocess.run([str(launcher), "launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
-                          *_smoke_args(tmp_path, smoke, "trainer=ddp", "trainer.max_epochs=2",
-                                       "data.max_train_examples=256")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            str(launcher),
+            "launch",
+            "--num_processes",
+            "2",
+            "--cpu",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            *_smoke_args(
+                tmp_path, smoke, "trainer=ddp", "trainer.max_epochs=2", "data.max_train_examples=256"
+            ),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     from kefu_triage.model.multitask import load_model
 
     model, _ = load_model(tmp_path / "models" / "smoke")
     assert model.config.num_intents == 17
-    log = [json.loads(x) for x in (tmp_path / "models" / "smoke" / "train_log.jsonl").read_text().splitlines()]
+    log = [
+        json.loads(x) for x in (tmp_path / "models" / "smoke" / "train_log.jsonl").read_text().splitlines()
+    ]
     assert len(log) == 2
     # the schedule spans both epochs with 2 processes too (accelerate steps the scheduler once per process):
     # halfway through, linear decay after 10% warm-up leaves ~0.56 of the peak rate, not 0
@@ -157,7 +219,9 @@ def test_multirun_sweep_composes_every_job():
 
     models = sorted(p.stem for p in packaged_config("model", "tiny").parent.glob("*.yaml"))
     sweep = [f"model={','.join(models)}", "trainer=cpu,gpu,ddp"]
-    jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(sweep), max_batch_size=None)[0]
+    jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(sweep), max_batch_size=None)[
+        0
+    ]
     assert len(jobs) == 3 * len(models)
     published = set()
     for job in jobs:
@@ -169,4 +233,6 @@ def test_multirun_sweep_composes_every_job():
         published.add(cfg.trainer.publish_dir)
     assert len(published) == len(models)  # one models/<name> per encoder: sweeps do not overwrite each other
     smoke = compose("train", ["experiment=smoke", "model=e5_small_zh"])
-    assert smoke.model.name == "e5_small_zh" and smoke.experiment_name == "smoke"  # the experiment stays overridable
+    assert (
+        smoke.model.name == "e5_small_zh" and smoke.experiment_name == "smoke"
+    )  # the experiment stays overridable

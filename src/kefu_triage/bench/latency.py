@@ -58,7 +58,7 @@ def _throughput(fn, messages: list[dict[str, Any]], batch: int) -> float:
     fn(messages[:batch])  # warm-up
     t0 = time.perf_counter()
     for s in range(0, len(messages), batch):
-        fn(messages[s:s + batch])
+        fn(messages[s : s + batch])
     return len(messages) / (time.perf_counter() - t0)
 
 
@@ -87,19 +87,28 @@ def _engines(cfg: DictConfig, threads: int, models: dict[str, Any], tmp: Path) -
     engines: dict[str, Any] = {}
     shipped = "student" if "teacher" in models else "model"
     artifact = Path(cfg.artifact_dir)
-    runtimes = {p: TriageModel.load(artifact, precision=p, threads=threads, batch_size=cfg.batch_size)
-                for p in ("fp32", "int8")}
+    runtimes = {
+        p: TriageModel.load(artifact, precision=p, threads=threads, batch_size=cfg.batch_size)
+        for p in ("fp32", "int8")
+    }
     torch.set_num_threads(threads)
     if "teacher" in models:
         model, tokenizer = models["teacher"]
         engines["teacher_pytorch_eager"] = functools.partial(_score_torch, model, tokenizer)
         if cfg.get("teacher_artifact_dir"):
             for p in ("fp32", "int8"):
-                rt = TriageModel.load(cfg.teacher_artifact_dir, precision=p, threads=threads, batch_size=cfg.batch_size)
+                rt = TriageModel.load(
+                    cfg.teacher_artifact_dir, precision=p, threads=threads, batch_size=cfg.batch_size
+                )
                 engines[f"teacher_onnx_{p}"] = functools.partial(_score_artifact, rt)
         else:  # the shipped artifact's tokenizer and input contract (the student keeps the teacher's)
-            rt = TriageModel(artifact, runtimes["fp32"].manifest, teacher_onnx_session(model, tokenizer, tmp, threads),
-                             runtimes["fp32"].tokenizer, cfg.batch_size)
+            rt = TriageModel(
+                artifact,
+                runtimes["fp32"].manifest,
+                teacher_onnx_session(model, tokenizer, tmp, threads),
+                runtimes["fp32"].tokenizer,
+                cfg.batch_size,
+            )
             engines["teacher_onnx_fp32"] = functools.partial(_score_artifact, rt)
     if "shipped" in models:
         engines[f"{shipped}_pytorch_eager"] = functools.partial(_score_torch, *models["shipped"])
@@ -118,8 +127,14 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     artifact = Path(cfg.artifact_dir)
     messages = read_examples(cfg.messages_file)
     rng = np.random.default_rng(0)
-    lat_msgs = [messages[i] for i in rng.choice(len(messages), min(cfg.latency_messages, len(messages)), replace=False)]
-    thr_msgs = [messages[i] for i in rng.choice(len(messages), min(cfg.throughput_messages, len(messages)), replace=False)]
+    lat_msgs = [
+        messages[i]
+        for i in rng.choice(len(messages), min(cfg.latency_messages, len(messages)), replace=False)
+    ]
+    thr_msgs = [
+        messages[i]
+        for i in rng.choice(len(messages), min(cfg.throughput_messages, len(messages)), replace=False)
+    ]
     results: dict[str, Any] = {"engines": {}}
     models = {}
     if cfg.get("teacher_model_dir") and Path(cfg.teacher_model_dir).is_dir():
@@ -131,28 +146,45 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
             for name, fn in _engines(cfg, threads, models, Path(tmp)).items():
                 lat = _latencies(fn, lat_msgs, cfg.warmup)
                 row = results["engines"][f"{name}@{threads}t"] = {
-                    "engine": name, "threads": threads,
-                    "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
+                    "engine": name,
+                    "threads": threads,
+                    "p50_ms": float(np.percentile(lat, 50)),
+                    "p95_ms": float(np.percentile(lat, 95)),
                     "p99_ms": float(np.percentile(lat, 99)),
                     "throughput_msg_s": _throughput(fn, thr_msgs, cfg.batch_size),
                 }
-                print(f"  {name:24s} {threads}t  p50 {row['p50_ms']:7.2f} ms  msg/s@{cfg.batch_size} "
-                      f"{row['throughput_msg_s']:7.0f}")
+                print(
+                    f"  {name:24s} {threads}t  p50 {row['p50_ms']:7.2f} ms  msg/s@{cfg.batch_size} "
+                    f"{row['throughput_msg_s']:7.0f}"
+                )
     for row in results["engines"].values():  # ratios within one run hold even when absolute times move
         base = results["engines"].get(f"teacher_pytorch_eager@{row['threads']}t")
         if base:
             row["p50_speedup_vs_teacher_eager"] = base["p50_ms"] / row["p50_ms"]
             row["throughput_vs_teacher_eager"] = row["throughput_msg_s"] / base["throughput_msg_s"]
-    probe = subprocess.run([sys.executable, "-c", RSS_PROBE, str(artifact), json.dumps([r["text"] for r in thr_msgs[:256]])],
-                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    probe = subprocess.run(
+        [sys.executable, "-c", RSS_PROBE, str(artifact), json.dumps([r["text"] for r in thr_msgs[:256]])],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
     if probe.returncode != 0:
         raise RuntimeError(f"runtime-only RSS probe failed: {probe.stderr[-2000:]}")
     results["runtime_peak_rss_mb"] = int(probe.stdout.strip().splitlines()[-1]) / 1024
     results["artifact_mb"] = {p.name: p.stat().st_size / 1e6 for p in sorted(artifact.glob("*.onnx"))}
-    results["messages"] = {"file": str(cfg.messages_file), "latency_n": len(lat_msgs), "throughput_n": len(thr_msgs),
-                           "mean_chars": float(np.mean([len(r["text"]) for r in lat_msgs]))}
-    results["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": _cpu_name(),
-                          "python": platform.python_version(), "load_average": _load_average()}
+    results["messages"] = {
+        "file": str(cfg.messages_file),
+        "latency_n": len(lat_msgs),
+        "throughput_n": len(thr_msgs),
+        "mean_chars": float(np.mean([len(r["text"]) for r in lat_msgs])),
+    }
+    results["machine"] = {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": _cpu_name(),
+        "python": platform.python_version(),
+        "load_average": _load_average(),
+    }
     results["targets"] = check_targets(results, cfg)
     return results
 
@@ -169,18 +201,37 @@ def check_targets(results: dict[str, Any], cfg: DictConfig) -> dict[str, Any]:
     top = max(cfg.threads)
     int8 = next(v for k, v in e.items() if k.endswith(f"_onnx_int8@{top}t") and not k.startswith("teacher_"))
     base = e.get(f"teacher_pytorch_eager@{top}t") or next(
-        (v for k, v in e.items() if k.endswith(f"_pytorch_eager@{top}t")), None)
-    out = {"int8_p50_ms": {"value": int8["p50_ms"], "target": f"<= {t.int8_p50_ms}", "ok": int8["p50_ms"] <= t.int8_p50_ms},
-           "int8_msg_s_batch": {"value": int8["throughput_msg_s"], "target": f">= {t.int8_msg_s}",
-                                "ok": int8["throughput_msg_s"] >= t.int8_msg_s},
-           "int8_size_mb": {"value": results["artifact_mb"].get("model.int8.onnx"), "target": f"<= {t.int8_size_mb}",
-                            "ok": results["artifact_mb"].get("model.int8.onnx", 1e9) <= t.int8_size_mb},
-           "runtime_rss_mb": {"value": results["runtime_peak_rss_mb"], "target": f"<= {t.runtime_rss_mb}",
-                              "ok": results["runtime_peak_rss_mb"] <= t.runtime_rss_mb}}
+        (v for k, v in e.items() if k.endswith(f"_pytorch_eager@{top}t")), None
+    )
+    out = {
+        "int8_p50_ms": {
+            "value": int8["p50_ms"],
+            "target": f"<= {t.int8_p50_ms}",
+            "ok": int8["p50_ms"] <= t.int8_p50_ms,
+        },
+        "int8_msg_s_batch": {
+            "value": int8["throughput_msg_s"],
+            "target": f">= {t.int8_msg_s}",
+            "ok": int8["throughput_msg_s"] >= t.int8_msg_s,
+        },
+        "int8_size_mb": {
+            "value": results["artifact_mb"].get("model.int8.onnx"),
+            "target": f"<= {t.int8_size_mb}",
+            "ok": results["artifact_mb"].get("model.int8.onnx", 1e9) <= t.int8_size_mb,
+        },
+        "runtime_rss_mb": {
+            "value": results["runtime_peak_rss_mb"],
+            "target": f"<= {t.runtime_rss_mb}",
+            "ok": results["runtime_peak_rss_mb"] <= t.runtime_rss_mb,
+        },
+    }
     if base:
         speedup = base["p50_ms"] / int8["p50_ms"]
-        out[f"int8_speedup_vs_{base['engine']}_p50"] = {"value": speedup, "target": f">= {t.speedup_vs_pytorch}",
-                                                        "ok": speedup >= t.speedup_vs_pytorch}
+        out[f"int8_speedup_vs_{base['engine']}_p50"] = {
+            "value": speedup,
+            "target": f">= {t.speedup_vs_pytorch}",
+            "ok": speedup >= t.speedup_vs_pytorch,
+        }
     return out
 
 
@@ -195,20 +246,30 @@ def _cpu_name() -> str:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    rows = ["| engine | threads | p50 ms | p95 ms | p99 ms | msg/s (batch) | p50 × vs teacher eager | "
-            "msg/s × vs teacher eager |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| engine | threads | p50 ms | p95 ms | p99 ms | msg/s (batch) | p50 × vs teacher eager | "
+        "msg/s × vs teacher eager |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["engines"].values():
-        ratios = " | ".join(f"{r[k]:.1f}×" if k in r else "-" for k in ("p50_speedup_vs_teacher_eager",
-                                                                          "throughput_vs_teacher_eager"))
-        rows.append(f"| {r['engine']} | {r['threads']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
-                    f"{r['throughput_msg_s']:.0f} | {ratios} |")
+        ratios = " | ".join(
+            f"{r[k]:.1f}×" if k in r else "-"
+            for k in ("p50_speedup_vs_teacher_eager", "throughput_vs_teacher_eager")
+        )
+        rows.append(
+            f"| {r['engine']} | {r['threads']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{r['throughput_msg_s']:.0f} | {ratios} |"
+        )
     rows += ["", "| target | value | goal | met |", "|---|---|---|---|"]
     for k, v in results["targets"].items():
         rows.append(f"| {k} | {v['value']:.2f} | {v['target']} | {'PASS' if v['ok'] else 'MISS'} |")
     sizes = ", ".join(f"{k} {v:.1f} MB" for k, v in results["artifact_mb"].items())
     m = results["machine"]
-    rows += ["", f"Artifact: {sizes}; runtime-only process peak RSS {results['runtime_peak_rss_mb']:.0f} MB.",
-             f"Machine: {m['cpu_count']} CPUs ({m['processor']}), {m['platform']}, Python {m['python']}; "
-             f"{results['messages']['latency_n']} test messages (mean {results['messages']['mean_chars']:.1f} chars); "
-             f"load average {m.get('load_average')} (timings under load are not comparable across runs)."]
+    rows += [
+        "",
+        f"Artifact: {sizes}; runtime-only process peak RSS {results['runtime_peak_rss_mb']:.0f} MB.",
+        f"Machine: {m['cpu_count']} CPUs ({m['processor']}), {m['platform']}, Python {m['python']}; "
+        f"{results['messages']['latency_n']} test messages (mean {results['messages']['mean_chars']:.1f} chars); "
+        f"load average {m.get('load_average')} (timings under load are not comparable across runs).",
+    ]
     return "\n".join(rows)

@@ -21,8 +21,15 @@ from kefu_triage.core.resources import packaged_config
 MODELS_DIR = packaged_config("model", "tiny").parent
 
 
-def measure(model_name: str, steps: int, warmup: int, batch_size: int, max_length: int, threads: int,
-            context_turns: int = 1) -> dict:
+def measure(
+    model_name: str,
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    max_length: int,
+    threads: int,
+    context_turns: int = 1,
+) -> dict:
     import torch
     from omegaconf import OmegaConf
 
@@ -35,20 +42,35 @@ def measure(model_name: str, steps: int, warmup: int, batch_size: int, max_lengt
     torch.manual_seed(0)
     tax = load_taxonomy()
     encoder, tokenizer = load_encoder(OmegaConf.load(MODELS_DIR / f"{model_name}.yaml"))
-    cfg = KefuTriageConfig(intent_labels=tax.intent_names, intent_routes=tax.routes, context_turns=context_turns,
-                           max_seq_length=max_length, encoder_name=model_name)
+    cfg = KefuTriageConfig(
+        intent_labels=tax.intent_names,
+        intent_routes=tax.routes,
+        context_turns=context_turns,
+        max_seq_length=max_length,
+        encoder_name=model_name,
+    )
     model = KefuTriageModel.from_encoder(encoder, cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     rows = generate_splits(seed=0, size=3000)["train"]
     n_tokens, times = 0, []
     for step in range(warmup + steps):
         batch_rows = [rows[(step * batch_size + i) % len(rows)] for i in range(batch_size)]
-        batch = encode(tokenizer, [r["text"] for r in batch_rows], [r["context"] for r in batch_rows], context_turns, max_length,
-                       padding=True, return_tensors="pt")
-        labels = {"intent_labels": torch.tensor([tax.intent_id(r["intent"]) for r in batch_rows]),
-                  "urgent_labels": torch.tensor([r["urgent"] for r in batch_rows]),
-                  "refund_labels": torch.tensor([-1 if r["refund_recoverable"] is None else r["refund_recoverable"]
-                                                 for r in batch_rows])}
+        batch = encode(
+            tokenizer,
+            [r["text"] for r in batch_rows],
+            [r["context"] for r in batch_rows],
+            context_turns,
+            max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        labels = {
+            "intent_labels": torch.tensor([tax.intent_id(r["intent"]) for r in batch_rows]),
+            "urgent_labels": torch.tensor([r["urgent"] for r in batch_rows]),
+            "refund_labels": torch.tensor(
+                [-1 if r["refund_recoverable"] is None else r["refund_recoverable"] for r in batch_rows]
+            ),
+        }
         t0 = time.perf_counter()
         loss = model(**batch, **labels).loss
         loss.backward()
@@ -59,10 +81,16 @@ def measure(model_name: str, steps: int, warmup: int, batch_size: int, max_lengt
             times.append(time.perf_counter() - t0)
             n_tokens += int(batch["attention_mask"].sum())
     peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    return {"model": model_name, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-            "examples_per_s": steps * batch_size / sum(times), "tokens_per_s": n_tokens / sum(times),
-            "step_ms": 1000 * sum(times) / steps, "peak_rss_mb": peak_kb / 1024, "batch_size": batch_size,
-            "threads": threads}
+    return {
+        "model": model_name,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "examples_per_s": steps * batch_size / sum(times),
+        "tokens_per_s": n_tokens / sum(times),
+        "step_ms": 1000 * sum(times) / steps,
+        "peak_rss_mb": peak_kb / 1024,
+        "batch_size": batch_size,
+        "threads": threads,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,42 +100,92 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=96)
-    p.add_argument("--context-turns", type=int, default=1, help="previous turns as a second segment (data default)")
+    p.add_argument(
+        "--context-turns", type=int, default=1, help="previous turns as a second segment (data default)"
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--output", default="reports/bench_train.json", help="also write the results as JSON here ('' = no)")
+    p.add_argument(
+        "--output", default="reports/bench_train.json", help="also write the results as JSON here ('' = no)"
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)  # child process: measure one encoder, print JSON
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(measure(args.one, args.steps, args.warmup, args.batch_size, args.max_length, args.threads,
-                                 args.context_turns)))
+        print(
+            json.dumps(
+                measure(
+                    args.one,
+                    args.steps,
+                    args.warmup,
+                    args.batch_size,
+                    args.max_length,
+                    args.threads,
+                    args.context_turns,
+                )
+            )
+        )
         return 0
     results = []
     for name in args.models:
-        res = subprocess.run([sys.executable, "-m", "kefu_triage.bench.training", "--one", name, "--steps", str(args.steps),
-                              "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-                              "--max-length", str(args.max_length), "--threads", str(args.threads),
-                              "--context-turns", str(args.context_turns)],
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kefu_triage.bench.training",
+                "--one",
+                name,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--batch-size",
+                str(args.batch_size),
+                "--max-length",
+                str(args.max_length),
+                "--threads",
+                str(args.threads),
+                "--context-turns",
+                str(args.context_turns),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if res.returncode != 0:
             print(f"{name}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
             return 1
         results.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    print(f"| encoder | params (M) | examples/s | tokens/s | ms/step (batch {args.batch_size}) | peak RSS (MB) |")
+    print(
+        f"| encoder | params (M) | examples/s | tokens/s | ms/step (batch {args.batch_size}) | peak RSS (MB) |"
+    )
     print("|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['model']} | {r['params_m']:.1f} | {r['examples_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
-              f"{r['step_ms']:.0f} | {r['peak_rss_mb']:.0f} |")
+        print(
+            f"| {r['model']} | {r['params_m']:.1f} | {r['examples_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
+            f"{r['step_ms']:.0f} | {r['peak_rss_mb']:.0f} |"
+        )
     if args.output:
         import platform
 
         from kefu_triage.core.fileio import atomic_write_json
 
-        atomic_write_json(args.output, {
-            "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                        "threads": args.threads, "load_avg_1m": round(os.getloadavg()[0], 2)},
-            "settings": {"steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size,
-                         "max_length": args.max_length, "context_turns": args.context_turns},
-            "results": results})
+        atomic_write_json(
+            args.output,
+            {
+                "machine": {
+                    "cpu_count": os.cpu_count(),
+                    "processor": platform.processor() or platform.machine(),
+                    "threads": args.threads,
+                    "load_avg_1m": round(os.getloadavg()[0], 2),
+                },
+                "settings": {
+                    "steps": args.steps,
+                    "warmup": args.warmup,
+                    "batch_size": args.batch_size,
+                    "max_length": args.max_length,
+                    "context_turns": args.context_turns,
+                },
+                "results": results,
+            },
+        )
         print(f"wrote {args.output}")
     return 0
 

@@ -10,7 +10,11 @@ import numpy as np
 
 HEADS = ("intent", "urgent", "refund_recoverable")
 # Output name of each head's logits, in the order the ONNX graph returns them.
-LOGIT_KEYS = {"intent": "intent_logits", "urgent": "urgent_logit", "refund_recoverable": "refund_recoverable_logit"}
+LOGIT_KEYS = {
+    "intent": "intent_logits",
+    "urgent": "urgent_logit",
+    "refund_recoverable": "refund_recoverable_logit",
+}
 OUTPUT_NAMES = tuple(LOGIT_KEYS[h] for h in HEADS)
 # Extra graph output: the pooled encoder state the heads read (novelty scoring, kefu_triage.core.novelty).
 # Not in OUTPUT_NAMES: artifacts exported before it existed lack it, and consumers of the logits ignore it.
@@ -31,6 +35,8 @@ def sigmoid(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 def probabilities(logits: dict[str, np.ndarray], temperatures: dict[str, float]) -> dict[str, np.ndarray]:
     """Calibrated head probabilities: intent [N, K], urgent [N], refund_recoverable [N] (logits / T)."""
     return {
-        head: (softmax if head == "intent" else sigmoid)(logits[LOGIT_KEYS[head]], temperatures.get(head, 1.0))
+        head: (softmax if head == "intent" else sigmoid)(
+            logits[LOGIT_KEYS[head]], temperatures.get(head, 1.0)
+        )
         for head in HEADS
     }

@@ -45,12 +45,18 @@ def format_context(context: Sequence[Any] | None, context_turns: int) -> str | N
     if not isinstance(context, (list, tuple)):
         raise InputError(f"context must be a list of {{'role', 'text'}} turns, got {type(context).__name__}")
     parts = []
-    start = max(0, len(context) - context_turns)  # errors name the turn's index in the whole list, not the window
+    start = max(
+        0, len(context) - context_turns
+    )  # errors name the turn's index in the whole list, not the window
     for i, turn in enumerate(list(context)[start:], start):
         if not isinstance(turn, dict):
-            raise InputError(f"context turn {i} must be a dict with 'role' and 'text', got {type(turn).__name__}")
+            raise InputError(
+                f"context turn {i} must be a dict with 'role' and 'text', got {type(turn).__name__}"
+            )
         role, text = turn.get("role"), turn.get("text")
-        if not isinstance(role, str) or role not in ROLE_PREFIX:  # an unhashable role (a list) is bad input too
+        if (
+            not isinstance(role, str) or role not in ROLE_PREFIX
+        ):  # an unhashable role (a list) is bad input too
             raise InputError(f"context turn {i}: role must be 'customer' or 'agent', got {role!r}")
         if not isinstance(text, str):
             raise InputError(f"context turn {i}: text must be a string, got {type(text).__name__}")
@@ -60,7 +66,9 @@ def format_context(context: Sequence[Any] | None, context_turns: int) -> str | N
     return TURN_SEPARATOR.join(parts) or None
 
 
-def build_input(text: Any, context: Sequence[Any] | None = None, context_turns: int = 0) -> tuple[str, str | None]:
+def build_input(
+    text: Any, context: Sequence[Any] | None = None, context_turns: int = 0
+) -> tuple[str, str | None]:
     """(first segment = the current message, second segment = previous turns or None).
 
     Raises InputError (a ValueError) for a non-string message; an empty or whitespace message is
@@ -82,7 +90,9 @@ def configure_tokenizer(tokenizer: Any, max_length: int) -> Any:
     return tokenizer
 
 
-def encode_inputs(tokenizer: Any, texts: Sequence[Any], contexts: Sequence[Any] | None, context_turns: int) -> list:
+def encode_inputs(
+    tokenizer: Any, texts: Sequence[Any], contexts: Sequence[Any] | None, context_turns: int
+) -> list:
     """``tokenizers`` Encodings of messages (+ previous turns as a second segment), built by :func:`build_input`.
 
     Raises InputError naming ``texts[i]`` for a message or context that cannot be model input."""
@@ -97,8 +107,11 @@ def encode_inputs(tokenizer: Any, texts: Sequence[Any], contexts: Sequence[Any] 
     return tokenizer.encode_batch(pairs) if pairs else []
 
 
-def pad_encodings(encodings: Sequence[Any], pad_id: int,
-                  names: Sequence[str] = ("input_ids", "attention_mask", "token_type_ids")) -> dict[str, Any]:
+def pad_encodings(
+    encodings: Sequence[Any],
+    pad_id: int,
+    names: Sequence[str] = ("input_ids", "attention_mask", "token_type_ids"),
+) -> dict[str, Any]:
     """Right-padded int64 numpy arrays [N, longest] of ``names`` for a batch of Encodings."""
     import numpy as np
 

@@ -13,8 +13,15 @@ from typing import Any
 import numpy as np
 
 # Reasons, in the order they take precedence when several apply.
-REASONS = ("urgent", "human_intent", "recoverable_refund", "unfamiliar", "low_confidence", "refund_self_service",
-           "bot_intent")
+REASONS = (
+    "urgent",
+    "human_intent",
+    "recoverable_refund",
+    "unfamiliar",
+    "low_confidence",
+    "refund_self_service",
+    "bot_intent",
+)
 HUMAN_REASONS = frozenset({"urgent", "human_intent", "recoverable_refund", "unfamiliar", "low_confidence"})
 
 
@@ -36,16 +43,27 @@ class Thresholds:
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
+            if (
+                not isinstance(value, (int, float))
+                or isinstance(value, bool)
+                or not 0.0 <= float(value) <= 1.0
+            ):
                 raise PolicyError(f"threshold {name!r} must be a number in [0, 1], got {value!r}")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "thresholds") -> Thresholds:
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
-            raise PolicyError(f"{source}: unknown threshold(s) {sorted(unknown)}; known: {list(cls.__dataclass_fields__)}")
+            raise PolicyError(
+                f"{source}: unknown threshold(s) {sorted(unknown)}; known: {list(cls.__dataclass_fields__)}"
+            )
         try:
-            return cls(**{k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for k, v in data.items()})
+            return cls(
+                **{
+                    k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                    for k, v in data.items()
+                }
+            )
         except PolicyError as exc:
             raise PolicyError(f"{source}: {exc}") from None
 
@@ -113,8 +131,13 @@ class TriagePolicy:
     def from_taxonomy(cls, taxonomy: Any, thresholds: Thresholds) -> TriagePolicy:
         return cls(taxonomy.routes, thresholds)
 
-    def rules(self, intent_probs: np.ndarray, urgent_prob: np.ndarray, refund_prob: np.ndarray,
-              novelty: np.ndarray | None = None) -> Rules:
+    def rules(
+        self,
+        intent_probs: np.ndarray,
+        urgent_prob: np.ndarray,
+        refund_prob: np.ndarray,
+        novelty: np.ndarray | None = None,
+    ) -> Rules:
         """Which rule fires for each of N messages. intent_probs [N, K]; urgent_prob, refund_prob and novelty
         [N] (refund_prob may hold NaN where undefined; novelty None or NaN where the model has no novelty
         statistics). The one place the policy's rules are written."""
@@ -127,7 +150,9 @@ class TriagePolicy:
         urgent_prob = np.asarray(urgent_prob, dtype=np.float64).reshape(-1)
         refund_prob = np.asarray(refund_prob, dtype=np.float64).reshape(-1)
         if urgent_prob.shape[0] != n or refund_prob.shape[0] != n:
-            raise PolicyError(f"head outputs disagree on batch size: {n}, {urgent_prob.shape[0]}, {refund_prob.shape[0]}")
+            raise PolicyError(
+                f"head outputs disagree on batch size: {n}, {urgent_prob.shape[0]}, {refund_prob.shape[0]}"
+            )
         novelty = np.full(n, np.nan) if novelty is None else np.asarray(novelty, dtype=np.float64).reshape(-1)
         if novelty.shape[0] != n:
             raise PolicyError(f"novelty has {novelty.shape[0]} values for {n} messages")
@@ -153,20 +178,37 @@ class TriagePolicy:
             unfamiliar=np.nan_to_num(novelty, nan=0.0) > t.novelty,
         )
 
-    def decide(self, intent_probs: np.ndarray, urgent_prob: np.ndarray, refund_prob: np.ndarray,
-               novelty: np.ndarray | None = None) -> Decisions:
+    def decide(
+        self,
+        intent_probs: np.ndarray,
+        urgent_prob: np.ndarray,
+        refund_prob: np.ndarray,
+        novelty: np.ndarray | None = None,
+    ) -> Decisions:
         """Route and reason of N messages (see :meth:`rules` for the inputs)."""
         r = self.rules(intent_probs, urgent_prob, refund_prob, novelty)
         reason = np.where(r.is_refund, "refund_self_service", "bot_intent").astype(object)
         # Later assignments win, so apply from lowest to highest precedence.
-        for mask, name in ((r.unsure(self.thresholds.confidence), "low_confidence"), (r.unfamiliar, "unfamiliar"),
-                           (r.recoverable, "recoverable_refund"), (r.human_intent, "human_intent"),
-                           (r.urgent, "urgent")):
+        for mask, name in (
+            (r.unsure(self.thresholds.confidence), "low_confidence"),
+            (r.unfamiliar, "unfamiliar"),
+            (r.recoverable, "recoverable_refund"),
+            (r.human_intent, "human_intent"),
+            (r.urgent, "urgent"),
+        ):
             reason[mask] = name
         route = np.where(np.isin(reason, list(HUMAN_REASONS)), "human", "bot").astype(object)
-        return Decisions(route=route, reason=reason, intent_id=r.intent_id, intent_prob=r.top1, margin=r.margin,
-                         novelty=r.novelty)
+        return Decisions(
+            route=route,
+            reason=reason,
+            intent_id=r.intent_id,
+            intent_prob=r.top1,
+            margin=r.margin,
+            novelty=r.novelty,
+        )
 
     def decide_heads(self, probs: Mapping[str, np.ndarray]) -> Decisions:
         """:meth:`decide` on a dict of head probabilities (kefu_triage.core.heads.probabilities)."""
-        return self.decide(probs["intent"], probs["urgent"], probs["refund_recoverable"], probs.get("novelty"))
+        return self.decide(
+            probs["intent"], probs["urgent"], probs["refund_recoverable"], probs.get("novelty")
+        )

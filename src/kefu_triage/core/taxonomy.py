@@ -63,7 +63,9 @@ class Taxonomy:
         try:
             return self.intents[self.intent2id[intent]].route
         except KeyError:
-            raise TaxonomyError(f"unknown intent {intent!r} (taxonomy {self.source}); known: {self.intent_names}") from None
+            raise TaxonomyError(
+                f"unknown intent {intent!r} (taxonomy {self.source}); known: {self.intent_names}"
+            ) from None
 
     @property
     def refund_intents(self) -> list[str]:
@@ -74,7 +76,9 @@ class Taxonomy:
         try:
             return self.intent2id[intent]
         except KeyError:
-            raise TaxonomyError(f"unknown intent {intent!r} (taxonomy {self.source}); known: {self.intent_names}") from None
+            raise TaxonomyError(
+                f"unknown intent {intent!r} (taxonomy {self.source}); known: {self.intent_names}"
+            ) from None
 
     # ---- (de)serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -82,19 +86,26 @@ class Taxonomy:
         that sort keys (transformers' config.json does) must not reorder them."""
         return {
             "version": self.version,
-            "intents": [{"name": i.name, "route": i.route, "zh": i.zh, "examples": list(i.examples)} for i in self.intents],
+            "intents": [
+                {"name": i.name, "route": i.route, "zh": i.zh, "examples": list(i.examples)}
+                for i in self.intents
+            ],
             "heads": self.heads,
         }
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> Taxonomy:
         if not isinstance(data, dict):
-            raise TaxonomyError(f"{source}: a taxonomy must be a mapping with an 'intents' key, got {type(data).__name__}")
+            raise TaxonomyError(
+                f"{source}: a taxonomy must be a mapping with an 'intents' key, got {type(data).__name__}"
+            )
         raw = data.get("intents")
         if isinstance(raw, list) and all(isinstance(x, dict) and "name" in x for x in raw):  # to_dict() form
             raw = {x["name"]: {k: v for k, v in x.items() if k != "name"} for x in raw}
         if not isinstance(raw, dict) or not raw:
-            raise TaxonomyError(f"{source}: 'intents' must be a non-empty mapping of intent name -> {{route: ...}}")
+            raise TaxonomyError(
+                f"{source}: 'intents' must be a non-empty mapping of intent name -> {{route: ...}}"
+            )
         intents = []
         for name, spec in raw.items():
             if not isinstance(name, str) or not name.strip():
@@ -103,9 +114,16 @@ class Taxonomy:
                 raise TaxonomyError(f"{source}: intents.{name} needs a 'route' (one of {list(ROUTES)})")
             route = spec["route"]
             if route not in ROUTES:
-                raise TaxonomyError(f"{source}: intents.{name}.route is {route!r}; must be one of {list(ROUTES)}")
+                raise TaxonomyError(
+                    f"{source}: intents.{name}.route is {route!r}; must be one of {list(ROUTES)}"
+                )
             intents.append(
-                Intent(name=name, route=route, zh=str(spec.get("zh", "")), examples=tuple(spec.get("examples", ()) or ()))
+                Intent(
+                    name=name,
+                    route=route,
+                    zh=str(spec.get("zh", "")),
+                    examples=tuple(spec.get("examples", ()) or ()),
+                )
             )
         if len(intents) < 2:
             raise TaxonomyError(f"{source}: at least two intents are needed, got {len(intents)}")

@@ -45,7 +45,16 @@ TEMPLATE_KEYS = {"id", "u", "r", "t", "c"}
 DIALOGUE_KEYS = {"id", "u", "r", "lead", "c", "a", "t"}
 FILLER_KEYS = ("agent_hello", "customer_hello", "agent_wait", "customer_ack", "agent_ack", "cards")
 DIALOGUE_SOURCES = ("dialogue", "dialogue_switch")
-LEXICON_REQUIRED = ("mix", "slots", "prefixes", "suffixes", "urgent_cues", "homophones", "traditional", "protected_terms")
+LEXICON_REQUIRED = (
+    "mix",
+    "slots",
+    "prefixes",
+    "suffixes",
+    "urgent_cues",
+    "homophones",
+    "traditional",
+    "protected_terms",
+)
 END_PUNCT = "？?！!。.~～ ，,"
 PUNCT_RUNS_CALM = ("？？", "???", "。。。", "...", "～～", "~~", "？？？", "？")
 PUNCT_RUNS_URGENT = ("!!!", "！！！", "？！", "?!", "！！")
@@ -128,7 +137,8 @@ def _seed_problems(row: dict[str, Any], taxonomy: Taxonomy) -> list[str]:
             problems.append(f"refund_recoverable: must be null for {intent} (route {route})")
     context = row.get("context") or []
     if not isinstance(context, list) or any(
-        not isinstance(t, dict) or t.get("role") not in ROLES or not isinstance(t.get("text"), str) for t in context
+        not isinstance(t, dict) or t.get("role") not in ROLES or not isinstance(t.get("text"), str)
+        for t in context
     ):
         problems.append("context: must be a list of {'role': 'customer'|'agent', 'text': str}")
     return problems
@@ -187,13 +197,26 @@ def _check_lexicon(lexicon: Any, path: Path) -> dict[str, Any]:
                 raise GeneratorError(f"{path}: {key}.{name} must be a non-negative number, got {weight!r}")
     lex = dict(lexicon)
     lex["slots"] = {k: [str(v) for v in vals] for k, vals in lexicon["slots"].items()}
-    lex["homophones"] = {str(k): [str(x) for x in (v if isinstance(v, list) else [v])]
-                         for k, v in lexicon["homophones"].items()}
+    lex["homophones"] = {
+        str(k): [str(x) for x in (v if isinstance(v, list) else [v])]
+        for k, v in lexicon["homophones"].items()
+    }
     lex["traditional"] = {str(k): str(v) for k, v in lexicon["traditional"].items()}
     lex["simplified"] = {v: k for k, v in sorted(lex["traditional"].items())}
     lex["urgent_rate"] = dict(lexicon.get("urgent_rate") or {})
-    for key in ("prefixes", "suffixes", "urgent_cues", "protected_terms", "cards", "calm_cues", "urgent_prefixes", "urgent_suffixes", "cue_excluded_intents", "agent_turns",
-                "customer_turns"):
+    for key in (
+        "prefixes",
+        "suffixes",
+        "urgent_cues",
+        "protected_terms",
+        "cards",
+        "calm_cues",
+        "urgent_prefixes",
+        "urgent_suffixes",
+        "cue_excluded_intents",
+        "agent_turns",
+        "customer_turns",
+    ):
         lex[key] = [str(x) for x in (lexicon.get(key) or [])]
     return lex
 
@@ -204,57 +227,94 @@ def _check_slots(text: str, lexicon: dict[str, Any], where: str) -> None:
             raise GeneratorError(f"{where}: unknown slot {{{slot}}} (slots are defined in {LEXICON_FILE})")
 
 
-def _parse_templates(data: Any, path: Path, taxonomy: Taxonomy, lexicon: dict[str, Any]) -> list[Template]:
-    if not isinstance(data, dict):
-        raise GeneratorError(f"{path}: must map intent names to lists of templates")
-    out = []
+def _intent_items(
+    data: Any,
+    path: Path,
+    taxonomy: Taxonomy,
+    what: str,
+    needs: str,
+    allowed: set[str] | frozenset[str],
+    prefix: str,
+):
+    """``(intent, is a refund intent, item, where)`` of a resource mapping intent -> list of mappings, checked."""
     for intent, items in data.items():
         if intent not in taxonomy.intent_names:
             raise GeneratorError(f"{path}: intent {intent!r} is not in the taxonomy ({taxonomy.source})")
         if not isinstance(items, list):
-            raise GeneratorError(f"{path}: {intent} must be a list of templates")
+            raise GeneratorError(f"{path}: {prefix}{intent} must be a list of {what}s")
         refund_intent = taxonomy.route_of(intent) == "refund_triage"
         for i, item in enumerate(items):
             where = f"{path}: {intent}[{i}]" + (f" (id {item.get('id')})" if isinstance(item, dict) else "")
             if not isinstance(item, dict):
-                raise GeneratorError(f"{where}: a template must be a mapping with id, u, t")
-            unknown = sorted(set(item) - TEMPLATE_KEYS)
+                raise GeneratorError(f"{where}: a {what} must be a mapping with {needs}")
+            unknown = sorted(set(item) - allowed)
             if unknown:
-                raise GeneratorError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(TEMPLATE_KEYS)}")
-            if item.get("id") in (None, ""):
-                raise GeneratorError(f"{where}: missing id")
-            if item.get("u") not in (0, 1) or isinstance(item.get("u"), bool):
-                raise GeneratorError(f"{where}: u (urgent) must be 0 or 1")
-            if refund_intent and (item.get("r") not in (0, 1) or isinstance(item.get("r"), bool)):
-                raise GeneratorError(f"{where}: r (refund_recoverable) must be 0 or 1 for {intent}")
-            if not refund_intent and item.get("r") is not None:
-                raise GeneratorError(f"{where}: r (refund_recoverable) is only allowed on refund_triage intents")
-            patterns = item.get("t")
-            if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) and p.strip() for p in patterns):
-                raise GeneratorError(f"{where}: t must be a non-empty list of non-empty strings")
-            context = []
-            for turn in item.get("c") or []:
-                if not (isinstance(turn, list) and len(turn) == 2 and turn[0] in ROLES and isinstance(turn[1], str)):
-                    raise GeneratorError(f"{where}: c must be a list of [role, text] with role customer|agent")
-                context.append((turn[0], turn[1]))
-            for text in list(patterns) + [t for _, t in context]:
-                _check_slots(text, lexicon, where)
-            out.append(Template(intent, str(item["id"]), int(item["u"]), item.get("r") if refund_intent else None,
-                                tuple(patterns), tuple(context), path.name))
+                raise GeneratorError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+            yield intent, refund_intent, item, where
+
+
+def _parse_templates(data: Any, path: Path, taxonomy: Taxonomy, lexicon: dict[str, Any]) -> list[Template]:
+    if not isinstance(data, dict):
+        raise GeneratorError(f"{path}: must map intent names to lists of templates")
+    out = []
+    for intent, refund_intent, item, where in _intent_items(
+        data, path, taxonomy, "template", "id, u, t", TEMPLATE_KEYS, ""
+    ):
+        if item.get("id") in (None, ""):
+            raise GeneratorError(f"{where}: missing id")
+        if item.get("u") not in (0, 1) or isinstance(item.get("u"), bool):
+            raise GeneratorError(f"{where}: u (urgent) must be 0 or 1")
+        if refund_intent and (item.get("r") not in (0, 1) or isinstance(item.get("r"), bool)):
+            raise GeneratorError(f"{where}: r (refund_recoverable) must be 0 or 1 for {intent}")
+        if not refund_intent and item.get("r") is not None:
+            raise GeneratorError(f"{where}: r (refund_recoverable) is only allowed on refund_triage intents")
+        patterns = item.get("t")
+        if (
+            not isinstance(patterns, list)
+            or not patterns
+            or not all(isinstance(p, str) and p.strip() for p in patterns)
+        ):
+            raise GeneratorError(f"{where}: t must be a non-empty list of non-empty strings")
+        context = []
+        for turn in item.get("c") or []:
+            if not (
+                isinstance(turn, list) and len(turn) == 2 and turn[0] in ROLES and isinstance(turn[1], str)
+            ):
+                raise GeneratorError(f"{where}: c must be a list of [role, text] with role customer|agent")
+            context.append((turn[0], turn[1]))
+        for text in list(patterns) + [t for _, t in context]:
+            _check_slots(text, lexicon, where)
+        out.append(
+            Template(
+                intent,
+                str(item["id"]),
+                int(item["u"]),
+                item.get("r") if refund_intent else None,
+                tuple(patterns),
+                tuple(context),
+                path.name,
+            )
+        )
     return out
 
 
 def _strings(value: Any, where: str, allow_empty: bool = False) -> tuple[str, ...]:
     if value is None and allow_empty:
         return ()
-    if not isinstance(value, list) or not all(isinstance(x, (str, int)) and str(x).strip() for x in value) or (
-            not value and not allow_empty):
-        raise GeneratorError(f"{where}: must be a {'' if allow_empty else 'non-empty '}list of non-empty strings")
+    if (
+        not isinstance(value, list)
+        or not all(isinstance(x, (str, int)) and str(x).strip() for x in value)
+        or (not value and not allow_empty)
+    ):
+        raise GeneratorError(
+            f"{where}: must be a {'' if allow_empty else 'non-empty '}list of non-empty strings"
+        )
     return tuple(str(x) for x in value)
 
 
-def _parse_dialogues(data: Any, path: Path, taxonomy: Taxonomy,
-                     lexicon: dict[str, Any]) -> tuple[tuple[Dialogue, ...], dict[str, Any]]:
+def _parse_dialogues(
+    data: Any, path: Path, taxonomy: Taxonomy, lexicon: dict[str, Any]
+) -> tuple[tuple[Dialogue, ...], dict[str, Any]]:
     """Dialogue families and settings of ``dialogues.yaml``; GeneratorError naming the file and entry."""
     if not isinstance(data, dict) or not isinstance(data.get("families"), dict):
         raise GeneratorError(f"{path}: must be a mapping with families (intent -> list of dialogue families)")
@@ -264,8 +324,13 @@ def _parse_dialogues(data: Any, path: Path, taxonomy: Taxonomy,
     clash = sorted(set(slots) & set(lexicon["slots"]))
     if clash:
         raise GeneratorError(f"{path}: slots {clash} are already defined in {LEXICON_FILE}")
-    dlex = {**lexicon, "slots": {**lexicon["slots"],
-                                 **{str(k): list(_strings(v, f"{path}: slots.{k}")) for k, v in slots.items()}}}
+    dlex = {
+        **lexicon,
+        "slots": {
+            **lexicon["slots"],
+            **{str(k): list(_strings(v, f"{path}: slots.{k}")) for k, v in slots.items()},
+        },
+    }
     fillers = data.get("fillers")
     if not isinstance(fillers, dict):
         raise GeneratorError(f"{path}: fillers must be a mapping with {list(FILLER_KEYS)}")
@@ -274,57 +339,73 @@ def _parse_dialogues(data: Any, path: Path, taxonomy: Taxonomy,
     if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 <= share <= 1:
         raise GeneratorError(f"{path}: switch_share must be a number in [0, 1], got {share!r}")
     turns = data.get("turns") or {1: 1}
-    if not isinstance(turns, dict) or not turns or any(
+    if (
+        not isinstance(turns, dict)
+        or not turns
+        or any(
             k not in (1, 2, 3, 4) or not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0
-            for k, w in turns.items()) or not sum(turns.values()):
-        raise GeneratorError(f"{path}: turns must map numbers of previous turns (1-4) to non-negative weights")
+            for k, w in turns.items()
+        )
+        or not sum(turns.values())
+    ):
+        raise GeneratorError(
+            f"{path}: turns must map numbers of previous turns (1-4) to non-negative weights"
+        )
     mix = data.get("mix") or {}
     if not isinstance(mix, dict) or any(
-            k not in taxonomy.intent_names or not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0
-            for k, w in mix.items()):
+        k not in taxonomy.intent_names or not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0
+        for k, w in mix.items()
+    ):
         raise GeneratorError(f"{path}: mix must map taxonomy intents to non-negative weights")
     out, seen = [], set()
-    for intent, items in data["families"].items():
-        if intent not in taxonomy.intent_names:
-            raise GeneratorError(f"{path}: intent {intent!r} is not in the taxonomy ({taxonomy.source})")
-        if not isinstance(items, list):
-            raise GeneratorError(f"{path}: families.{intent} must be a list of dialogue families")
-        refund_intent = taxonomy.route_of(intent) == "refund_triage"
-        for i, item in enumerate(items):
-            where = f"{path}: {intent}[{i}]" + (f" (id {item.get('id')})" if isinstance(item, dict) else "")
-            if not isinstance(item, dict):
-                raise GeneratorError(f"{where}: a dialogue family must be a mapping with id, u, lead, t")
-            unknown = sorted(set(item) - DIALOGUE_KEYS)
-            if unknown:
-                raise GeneratorError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(DIALOGUE_KEYS)}")
-            if item.get("id") in (None, "") or (intent, str(item["id"])) in seen:
-                raise GeneratorError(f"{where}: missing or repeated id")
-            seen.add((intent, str(item["id"])))
-            if item.get("u") not in (0, 1) or isinstance(item.get("u"), bool):
-                raise GeneratorError(f"{where}: u (urgent) must be 0 or 1")
-            if refund_intent and (item.get("r") not in (0, 1) or isinstance(item.get("r"), bool)):
-                raise GeneratorError(f"{where}: r (refund_recoverable) must be 0 or 1 for {intent}")
-            if not refund_intent and item.get("r") is not None:
-                raise GeneratorError(f"{where}: r (refund_recoverable) is only allowed on refund_triage intents")
-            lead = item.get("lead")
-            openers = _strings(item.get("c"), f"{where}: c", allow_empty=True)
-            follow_ups = _strings(item.get("a"), f"{where}: a", allow_empty=True)
-            if lead not in ROLES or not (openers if lead == "customer" else follow_ups):
-                raise GeneratorError(f"{where}: lead must be customer (needs c: openers) or agent (needs a: "
-                                     f"follow-ups), got {lead!r}")
-            replies = _strings(item.get("t"), f"{where}: t")
-            for text in openers + follow_ups + replies:
-                _check_slots(text, dlex, where)
-            out.append(Dialogue(intent, str(item["id"]), int(item["u"]), item.get("r") if refund_intent else None,
-                                lead, openers, follow_ups, replies))
+    for intent, refund_intent, item, where in _intent_items(
+        data["families"], path, taxonomy, "dialogue family", "id, u, lead, t", DIALOGUE_KEYS, "families."
+    ):
+        if item.get("id") in (None, "") or (intent, str(item["id"])) in seen:
+            raise GeneratorError(f"{where}: missing or repeated id")
+        seen.add((intent, str(item["id"])))
+        if item.get("u") not in (0, 1) or isinstance(item.get("u"), bool):
+            raise GeneratorError(f"{where}: u (urgent) must be 0 or 1")
+        if refund_intent and (item.get("r") not in (0, 1) or isinstance(item.get("r"), bool)):
+            raise GeneratorError(f"{where}: r (refund_recoverable) must be 0 or 1 for {intent}")
+        if not refund_intent and item.get("r") is not None:
+            raise GeneratorError(f"{where}: r (refund_recoverable) is only allowed on refund_triage intents")
+        lead = item.get("lead")
+        openers = _strings(item.get("c"), f"{where}: c", allow_empty=True)
+        follow_ups = _strings(item.get("a"), f"{where}: a", allow_empty=True)
+        if lead not in ROLES or not (openers if lead == "customer" else follow_ups):
+            raise GeneratorError(
+                f"{where}: lead must be customer (needs c: openers) or agent (needs a: "
+                f"follow-ups), got {lead!r}"
+            )
+        replies = _strings(item.get("t"), f"{where}: t")
+        for text in openers + follow_ups + replies:
+            _check_slots(text, dlex, where)
+        out.append(
+            Dialogue(
+                intent,
+                str(item["id"]),
+                int(item["u"]),
+                item.get("r") if refund_intent else None,
+                lead,
+                openers,
+                follow_ups,
+                replies,
+            )
+        )
     for key, texts in fill_turns.items():
         for text in texts:
             _check_slots(text, dlex, f"{path}: fillers.{key}")
     for values in dlex["slots"].values():  # slot values may hold slots themselves ({title})
         for value in values:
             _check_slots(value, dlex, f"{path}: slot value {value!r}")
-    settings = {"fillers": fill_turns, "switch_share": float(share), "lexicon": dlex, "mix": dict(mix),
-                "turns": {int(k): float(w) for k, w in sorted(turns.items())}}
+    settings = {
+        "fillers": fill_turns,
+        "switch_share": float(share),
+        "lexicon": dlex,
+        "mix": dict(mix),
+        "turns": {int(k): float(w) for k, w in sorted(turns.items())},
+    }
     return tuple(out), settings
 
 
@@ -342,17 +423,23 @@ def _load_resources_cached(template_dir: str, stamp: tuple, taxonomy_json: str) 
     seen: dict[str, str] = {}
     for t in templates:
         if t.group_id in seen:
-            raise GeneratorError(f"{tdir / t.file}: template id {t.id!r} of {t.intent} already used in {seen[t.group_id]}")
+            raise GeneratorError(
+                f"{tdir / t.file}: template id {t.id!r} of {t.intent} already used in {seen[t.group_id]}"
+            )
         seen[t.group_id] = t.file
     for key in ("mix", "urgent_rate"):
         unknown = sorted(set(lexicon.get(key) or {}) - set(taxonomy.intent_names) - {"default"})
         if unknown:
             raise GeneratorError(f"{tdir / LEXICON_FILE}: {key} names intents not in the taxonomy: {unknown}")
-    for text in lexicon["urgent_cues"] + lexicon["calm_cues"] + lexicon["agent_turns"] + lexicon["customer_turns"]:
+    for text in (
+        lexicon["urgent_cues"] + lexicon["calm_cues"] + lexicon["agent_turns"] + lexicon["customer_turns"]
+    ):
         _check_slots(text, lexicon, f"{tdir / LEXICON_FILE}: {text!r}")
     dialogues, settings = ((), None)
     if (tdir / DIALOGUE_FILE).is_file():
-        dialogues, settings = _parse_dialogues(_load_yaml(tdir / DIALOGUE_FILE), tdir / DIALOGUE_FILE, taxonomy, lexicon)
+        dialogues, settings = _parse_dialogues(
+            _load_yaml(tdir / DIALOGUE_FILE), tdir / DIALOGUE_FILE, taxonomy, lexicon
+        )
     return Resources(tuple(templates), lexicon, dialogues, settings)
 
 
@@ -376,8 +463,13 @@ def normalise_text(text: str, lexicon: Mapping[str, Any] | None = None) -> str:
     if lexicon:
         table = lexicon["simplified"]
         text = "".join(table.get(ch, ch) for ch in text)
-    key = "".join(ch for ch in text if not (ch.isspace() or unicodedata.category(ch)[0] == "P"
-                                             or unicodedata.category(ch) in ("Sm", "Sk")))
+    key = "".join(
+        ch
+        for ch in text
+        if not (
+            ch.isspace() or unicodedata.category(ch)[0] == "P" or unicodedata.category(ch) in ("Sm", "Sk")
+        )
+    )
     return key or text.strip()
 
 
@@ -415,18 +507,20 @@ def _homophone(text: str, lexicon: Mapping[str, Any], rng: random.Random, mask: 
     for src in sorted(lexicon["homophones"]):
         start = text.find(src)
         while start >= 0:
-            if not any(mask[start:start + len(src)]):
+            if not any(mask[start : start + len(src)]):
                 spots.append((start, src))
             start = text.find(src, start + 1)
     if not spots:
         return text
     start, src = rng.choice(spots)
-    return text[:start] + rng.choice(lexicon["homophones"][src]) + text[start + len(src):]
+    return text[:start] + rng.choice(lexicon["homophones"][src]) + text[start + len(src) :]
 
 
 def _traditional(text: str, lexicon: Mapping[str, Any], rng: random.Random, mask: list[bool]) -> str:
     table = lexicon["traditional"]
-    return "".join(table[ch] if ch in table and not mask[i] and rng.random() < 0.9 else ch for i, ch in enumerate(text))
+    return "".join(
+        table[ch] if ch in table and not mask[i] and rng.random() < 0.9 else ch for i, ch in enumerate(text)
+    )
 
 
 def _width(text: str, rng: random.Random, mask: list[bool]) -> str:
@@ -448,14 +542,18 @@ def _width(text: str, rng: random.Random, mask: list[bool]) -> str:
 def _spaces(text: str, rng: random.Random, mask: list[bool]) -> str:
     if " " in text and rng.random() < 0.6:
         return text.replace(" ", "")
-    cuts = [i for i in range(1, len(text)) if not (mask[i - 1] and mask[i]) and " " not in text[i - 1:i + 1]]
+    cuts = [
+        i for i in range(1, len(text)) if not (mask[i - 1] and mask[i]) and " " not in text[i - 1 : i + 1]
+    ]
     if not cuts:
         return text
     i = rng.choice(cuts)
     return text[:i] + " " + text[i:]
 
 
-def add_noise(text: str, lexicon: Mapping[str, Any], rng: random.Random, rate: float, urgent: bool = False) -> str:
+def add_noise(
+    text: str, lexicon: Mapping[str, Any], rng: random.Random, rate: float, urgent: bool = False
+) -> str:
     """With probability ``rate``, one to three of: typos/homophones, traditional characters, punctuation runs,
     full/half-width switching, dropped punctuation, spaces added or removed, the message sent twice.
 
@@ -472,7 +570,9 @@ def add_noise(text: str, lexicon: Mapping[str, Any], rng: random.Random, rate: f
         elif op == "traditional":
             text = _traditional(text, lexicon, rng, mask)
         elif op == "punct" and text.rstrip(END_PUNCT):
-            text = text.rstrip(END_PUNCT) + rng.choice(PUNCT_RUNS_CALM + (PUNCT_RUNS_URGENT if urgent else ()))
+            text = text.rstrip(END_PUNCT) + rng.choice(
+                PUNCT_RUNS_CALM + (PUNCT_RUNS_URGENT if urgent else ())
+            )
         elif op == "width":
             text = _width(text, rng, mask)
         elif op == "nopunct":
@@ -484,14 +584,24 @@ def add_noise(text: str, lexicon: Mapping[str, Any], rng: random.Random, rate: f
     return text
 
 
-def decorate(text: str, lexicon: Mapping[str, Any], rng: random.Random, affix_rate: float, urgent: bool = False) -> str:
+def decorate(
+    text: str, lexicon: Mapping[str, Any], rng: random.Random, affix_rate: float, urgent: bool = False
+) -> str:
     """Courtesy (on urgent messages also anxious) prefixes and suffixes, and now and then an order card."""
     if rng.random() < affix_rate:
         anxious = urgent and lexicon["urgent_prefixes"] and rng.random() < 0.4
-        text = rng.choice(lexicon["urgent_prefixes"] if anxious else lexicon["prefixes"]) + rng.choice(("", " ", " ", "，")) + text
+        text = (
+            rng.choice(lexicon["urgent_prefixes"] if anxious else lexicon["prefixes"])
+            + rng.choice(("", " ", " ", "，"))
+            + text
+        )
     if rng.random() < affix_rate:
         anxious = urgent and lexicon["urgent_suffixes"] and rng.random() < 0.5
-        text = text + rng.choice(("", "", " ")) + rng.choice(lexicon["urgent_suffixes"] if anxious else lexicon["suffixes"])
+        text = (
+            text
+            + rng.choice(("", "", " "))
+            + rng.choice(lexicon["urgent_suffixes"] if anxious else lexicon["suffixes"])
+        )
     if lexicon["cards"] and rng.random() < float(lexicon.get("card_rate", 0.0)):
         card = fill(rng.choice(lexicon["cards"]), lexicon, rng)
         text = f"{card} {text}" if rng.random() < 0.5 else f"{text} {card}"
@@ -505,7 +615,9 @@ def neutral_context(lexicon: Mapping[str, Any], rng: random.Random) -> list[dict
         return []
     turns = [{"role": "agent", "text": fill(rng.choice(lexicon["agent_turns"]), lexicon, rng)}]
     if lexicon["customer_turns"] and rng.random() < 0.4:
-        turns.insert(0, {"role": "customer", "text": fill(rng.choice(lexicon["customer_turns"]), lexicon, rng)})
+        turns.insert(
+            0, {"role": "customer", "text": fill(rng.choice(lexicon["customer_turns"]), lexicon, rng)}
+        )
     return turns
 
 
@@ -521,8 +633,9 @@ def fill_nested(text: str, lexicon: Mapping[str, Any], rng: random.Random) -> st
     return text
 
 
-def dialogue_context(family: Dialogue, settings: Mapping[str, Any], rng: random.Random,
-                     n_turns: int | None = None) -> list[dict[str, str]]:
+def dialogue_context(
+    family: Dialogue, settings: Mapping[str, Any], rng: random.Random, n_turns: int | None = None
+) -> list[dict[str, str]]:
     """``n_turns`` previous turns or fewer (oldest first; 1-4 drawn from the settings' weights when None) that hold
     the family's deciding turn: its agent follow-up (lead agent) or its customer opener (lead customer).
 
@@ -564,8 +677,14 @@ def dialogue_context(family: Dialogue, settings: Mapping[str, Any], rng: random.
     return turns[-4:]
 
 
-def _dialogue_row(family: Dialogue, settings: Mapping[str, Any], lex: Mapping[str, Any], rng: random.Random,
-                  noise_rate: float, affix_rate: float) -> dict[str, Any]:
+def _dialogue_row(
+    family: Dialogue,
+    settings: Mapping[str, Any],
+    lex: Mapping[str, Any],
+    rng: random.Random,
+    noise_rate: float,
+    affix_rate: float,
+) -> dict[str, Any]:
     """An elliptical current turn of ``family`` after 1-4 previous turns that decide its intent."""
     context = dialogue_context(family, settings, rng)
     urgent = bool(family.urgent)
@@ -575,15 +694,41 @@ def _dialogue_row(family: Dialogue, settings: Mapping[str, Any], lex: Mapping[st
     return _record(text, context, family.intent, family.urgent, family.refund, family.group_id, "dialogue")
 
 
-def _switch_row(intent: str, split: str, families: list[Dialogue], alone: Mapping[tuple[str, str], list[Template]],
-                cues: Mapping[str, list[str]], lex: Mapping[str, Any], settings: Mapping[str, Any],
-                rng: random.Random, urgent_rate: float, refund_rate: float, noise_rate: float, affix_rate: float,
-                refund_intent: bool) -> dict[str, Any] | None:
+def _switch_row(
+    intent: str,
+    split: str,
+    families: list[Dialogue],
+    alone: Mapping[tuple[str, str], list[Template]],
+    cues: Mapping[str, list[str]],
+    lex: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    rng: random.Random,
+    urgent_rate: float,
+    refund_rate: float,
+    noise_rate: float,
+    affix_rate: float,
+    refund_intent: bool,
+) -> dict[str, Any] | None:
     """A message that stands alone (a template of ``intent`` without fixed context) after previous turns
     about another topic: the context must not decide the label here."""
     others = [f for f in families if f.intent != intent]
-    rec = _template_row(intent, split, alone, cues, lex, rng, urgent_rate, refund_rate, noise_rate, affix_rate,
-                        refund_intent) if others else None
+    rec = (
+        _template_row(
+            intent,
+            split,
+            alone,
+            cues,
+            lex,
+            rng,
+            urgent_rate,
+            refund_rate,
+            noise_rate,
+            affix_rate,
+            refund_intent,
+        )
+        if others
+        else None
+    )
     if rec is None:
         return None
     family = rng.choice(others)
@@ -592,9 +737,13 @@ def _switch_row(intent: str, split: str, families: list[Dialogue], alone: Mappin
     # the earlier topic answered and closed; always so before a greeting or remark, which would otherwise
     # read as an answer to a pending agent question
     if intent in ("greeting", "other") or rng.random() < 0.5:
-        context += [{"role": "customer", "text": fill_nested(rng.choice(family.replies), settings["lexicon"], rng)},
-                    {"role": "agent", "text": fill_nested(rng.choice(settings["fillers"]["agent_ack"]),
-                                                          settings["lexicon"], rng)}]
+        context += [
+            {"role": "customer", "text": fill_nested(rng.choice(family.replies), settings["lexicon"], rng)},
+            {
+                "role": "agent",
+                "text": fill_nested(rng.choice(settings["fillers"]["agent_ack"]), settings["lexicon"], rng),
+            },
+        ]
     return {**rec, "context": context[-n_turns:], "source": "dialogue_switch"}
 
 
@@ -603,12 +752,15 @@ def _switch_row(intent: str, split: str, families: list[Dialogue], alone: Mappin
 # ---------------------------------------------------------------------------------------------------
 def _check_fractions(dev_fraction: float, test_fraction: float) -> None:
     if not (0 <= dev_fraction < 1 and 0 <= test_fraction < 1 and dev_fraction + test_fraction < 1):
-        raise GeneratorError(f"dev_fraction={dev_fraction}, test_fraction={test_fraction}: each must be in [0, 1) "
-                             "and their sum below 1")
+        raise GeneratorError(
+            f"dev_fraction={dev_fraction}, test_fraction={test_fraction}: each must be in [0, 1) "
+            "and their sum below 1"
+        )
 
 
-def assign_unit(strata: Mapping[Any, list[str]], rng: random.Random, dev_fraction: float,
-                test_fraction: float) -> dict[str, str]:
+def assign_unit(
+    strata: Mapping[Any, list[str]], rng: random.Random, dev_fraction: float, test_fraction: float
+) -> dict[str, str]:
     """group id -> split for one unit (one intent's seeds, or its templates), stratified by label.
 
     Groups are shuffled within each stratum and the strata concatenated; systematic sampling with a random
@@ -639,14 +791,22 @@ def assign_unit(strata: Mapping[Any, list[str]], rng: random.Random, dev_fractio
     return out
 
 
-def _assign_all(seeds: list[dict[str, Any]], templates: tuple[Template, ...], n_cues: int, seed: int,
-                dev_fraction: float, test_fraction: float, dialogues: tuple[Dialogue, ...] = ()) -> dict[str, str]:
+def _assign_all(
+    seeds: list[dict[str, Any]],
+    templates: tuple[Template, ...],
+    n_cues: int,
+    seed: int,
+    dev_fraction: float,
+    test_fraction: float,
+    dialogues: tuple[Dialogue, ...] = (),
+) -> dict[str, str]:
     _check_fractions(dev_fraction, test_fraction)
     rng = random.Random(f"kefu-triage-splits-{seed}")  # its own stream: generation settings never move groups
     units: dict[tuple[str, str], dict[Any, list[str]]] = defaultdict(lambda: defaultdict(list))
     for s in seeds:
-        units[(s["intent"], "seed")][(s["urgent"], s.get("refund_recoverable"), bool(s.get("context")))].append(
-            f"seed:{s['seed_id']}")
+        units[(s["intent"], "seed")][
+            (s["urgent"], s.get("refund_recoverable"), bool(s.get("context")))
+        ].append(f"seed:{s['seed_id']}")
     for t in templates:
         units[(t.intent, "template")][(t.urgent, t.refund, bool(t.context))].append(t.group_id)
     units[("", "cue")][0] = [f"cue:{i}" for i in range(n_cues)]
@@ -664,9 +824,14 @@ def _assign_all(seeds: list[dict[str, Any]], templates: tuple[Template, ...], n_
     return split_of
 
 
-def group_splits(seed: int = 13, dev_fraction: float = 0.15, test_fraction: float = 0.15,
-                 taxonomy: Taxonomy | None = None, seed_dir: str | Path | None = None,
-                 template_dir: str | Path | None = None) -> dict[str, str]:
+def group_splits(
+    seed: int = 13,
+    dev_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    taxonomy: Taxonomy | None = None,
+    seed_dir: str | Path | None = None,
+    template_dir: str | Path | None = None,
+) -> dict[str, str]:
     """group id -> "train" | "dev" | "test", exactly as ``generate_splits`` with the same arguments assigns it.
 
     Group ids: ``seed:<seed_id>``, ``tpl:<intent>:<template id>``, ``dlg:<intent>:<dialogue id>``,
@@ -674,28 +839,57 @@ def group_splits(seed: int = 13, dev_fraction: float = 0.15, test_fraction: floa
     taxonomy = taxonomy or load_taxonomy()
     res = load_resources(template_dir, taxonomy)
     seeds = load_seeds(seed_dir, taxonomy)
-    return _assign_all(seeds, res.templates, len(res.lexicon["urgent_cues"]), seed, dev_fraction, test_fraction,
-                       res.dialogues)
+    return _assign_all(
+        seeds,
+        res.templates,
+        len(res.lexicon["urgent_cues"]),
+        seed,
+        dev_fraction,
+        test_fraction,
+        res.dialogues,
+    )
 
 
-def split_of_group(group_id: str, seed: int = 13, dev_fraction: float = 0.15, test_fraction: float = 0.15,
-                   taxonomy: Taxonomy | None = None, seed_dir: str | Path | None = None,
-                   template_dir: str | Path | None = None) -> str:
+def split_of_group(
+    group_id: str,
+    seed: int = 13,
+    dev_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    taxonomy: Taxonomy | None = None,
+    seed_dir: str | Path | None = None,
+    template_dir: str | Path | None = None,
+) -> str:
     """The split of one group (a record's ``group_id``); GeneratorError for an unknown group."""
     splits = group_splits(seed, dev_fraction, test_fraction, taxonomy, seed_dir, template_dir)
     if group_id not in splits:
-        raise GeneratorError(f"unknown group id {group_id!r} (expected seed:<seed_id>, tpl:<intent>:<id>, "
-                             "dlg:<intent>:<id> or cue:<n>)")
+        raise GeneratorError(
+            f"unknown group id {group_id!r} (expected seed:<seed_id>, tpl:<intent>:<id>, "
+            "dlg:<intent>:<id> or cue:<n>)"
+        )
     return splits[group_id]
 
 
 # ---------------------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------------------
-def _record(text: str, context: list[dict[str, str]], intent: str, urgent: int, refund: int | None, group_id: str,
-            source: str) -> dict[str, Any]:
-    return {"text": text, "context": context, "intent": intent, "urgent": int(urgent),
-            "refund_recoverable": refund, "group_id": group_id, "source": source}
+def _record(
+    text: str,
+    context: list[dict[str, str]],
+    intent: str,
+    urgent: int,
+    refund: int | None,
+    group_id: str,
+    source: str,
+) -> dict[str, Any]:
+    return {
+        "text": text,
+        "context": context,
+        "intent": intent,
+        "urgent": int(urgent),
+        "refund_recoverable": refund,
+        "group_id": group_id,
+        "source": source,
+    }
 
 
 def largest_remainder(total: int, weights: Mapping[str, float]) -> dict[str, int]:
@@ -720,7 +914,7 @@ class _SplitRows:
         self.keys: set[str] = set()
 
     def add(self, rec: dict[str, Any]) -> str:
-        """"ok", "duplicate" (same text with the same labels already here) or "leaked" (text of an earlier split).
+        """ "ok", "duplicate" (same text with the same labels already here) or "leaked" (text of an earlier split).
 
         The same text may appear twice in a split only with different labels: a slot answer ("[订单x]") whose
         intent comes from the previous turns. A dialogue row's key includes its previous turns: "[订单x]" after
@@ -738,9 +932,19 @@ class _SplitRows:
         return "ok"
 
 
-def _template_row(intent: str, split: str, pools: Mapping[tuple[str, str], list[Template]],
-                  cues: Mapping[str, list[str]], lex: Mapping[str, Any], rng: random.Random, urgent_rate: float,
-                  refund_rate: float, noise_rate: float, affix_rate: float, refund_intent: bool) -> dict[str, Any] | None:
+def _template_row(
+    intent: str,
+    split: str,
+    pools: Mapping[tuple[str, str], list[Template]],
+    cues: Mapping[str, list[str]],
+    lex: Mapping[str, Any],
+    rng: random.Random,
+    urgent_rate: float,
+    refund_rate: float,
+    noise_rate: float,
+    affix_rate: float,
+    refund_intent: bool,
+) -> dict[str, Any] | None:
     """One template row of ``intent`` from the split's own templates (None when it has none)."""
     pool = pools.get((split, intent))
     if not pool:
@@ -774,11 +978,21 @@ def _template_row(intent: str, split: str, pools: Mapping[tuple[str, str], list[
     return _record(text, context, intent, urgent, tpl.refund, tpl.group_id, "template")
 
 
-def generate_splits(seed: int = 13, size: int = 10000, dev_fraction: float = 0.15, test_fraction: float = 0.15,
-                    taxonomy: Taxonomy | None = None, seed_dir: str | Path | None = None,
-                    template_dir: str | Path | None = None, noise_rate: float = 0.3, affix_rate: float = 0.3,
-                    seed_variants: int = 2, max_seed_share: float = 0.6,
-                    refund_recoverable_rate: float = 0.5, dialogue_share: float = 0.2) -> dict[str, Any]:
+def generate_splits(
+    seed: int = 13,
+    size: int = 10000,
+    dev_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    taxonomy: Taxonomy | None = None,
+    seed_dir: str | Path | None = None,
+    template_dir: str | Path | None = None,
+    noise_rate: float = 0.3,
+    affix_rate: float = 0.3,
+    seed_variants: int = 2,
+    max_seed_share: float = 0.6,
+    refund_recoverable_rate: float = 0.5,
+    dialogue_share: float = 0.2,
+) -> dict[str, Any]:
     """{"train": [...], "dev": [...], "test": [...], "stats": {...}}.
 
     Each record: id, text, context (list, maybe empty), intent, urgent, refund_recoverable, group_id
@@ -798,29 +1012,44 @@ def generate_splits(seed: int = 13, size: int = 10000, dev_fraction: float = 0.1
     """
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise GeneratorError(f"size must be a positive integer, got {size!r}")
-    if not (0 <= noise_rate <= 1 and 0 <= affix_rate <= 1 and 0 < max_seed_share <= 1 and 0 <= refund_recoverable_rate <= 1):
-        raise GeneratorError("noise_rate, affix_rate, refund_recoverable_rate must be in [0, 1], max_seed_share in (0, 1]")
-    if not isinstance(dialogue_share, (int, float)) or isinstance(dialogue_share, bool) or not 0 <= dialogue_share < 1:
+    if not (
+        0 <= noise_rate <= 1
+        and 0 <= affix_rate <= 1
+        and 0 < max_seed_share <= 1
+        and 0 <= refund_recoverable_rate <= 1
+    ):
+        raise GeneratorError(
+            "noise_rate, affix_rate, refund_recoverable_rate must be in [0, 1], max_seed_share in (0, 1]"
+        )
+    if (
+        not isinstance(dialogue_share, (int, float))
+        or isinstance(dialogue_share, bool)
+        or not 0 <= dialogue_share < 1
+    ):
         raise GeneratorError(f"dialogue_share must be a number in [0, 1), got {dialogue_share!r}")
     _check_fractions(dev_fraction, test_fraction)
     taxonomy = taxonomy or load_taxonomy()
     res = load_resources(template_dir, taxonomy)
     lex = res.lexicon
     seeds = load_seeds(seed_dir, taxonomy)
-    split_of = _assign_all(seeds, res.templates, len(lex["urgent_cues"]), seed, dev_fraction, test_fraction,
-                           res.dialogues)
+    split_of = _assign_all(
+        seeds, res.templates, len(lex["urgent_cues"]), seed, dev_fraction, test_fraction, res.dialogues
+    )
     rng = random.Random(seed)
 
     present = {t.intent for t in res.templates} | {s["intent"] for s in seeds}
     intents = [i for i in taxonomy.intent_names if i in present]
     missing_mix = [i for i in intents if i not in lex["mix"]]
     if missing_mix:
-        raise GeneratorError(f"{Path(template_dir or TEMPLATE_DIR) / LEXICON_FILE}: mix has no weight for {missing_mix}")
+        raise GeneratorError(
+            f"{Path(template_dir or TEMPLATE_DIR) / LEXICON_FILE}: mix has no weight for {missing_mix}"
+        )
     mix = {i: float(lex["mix"][i]) for i in intents}
     default_rate = float(lex["urgent_rate"].get("default", 0.18))
     urgent_rate = {i: float(lex["urgent_rate"].get(i, default_rate)) for i in intents}
-    split_sizes = largest_remainder(size, {"train": 1 - dev_fraction - test_fraction, "dev": dev_fraction,
-                                           "test": test_fraction})
+    split_sizes = largest_remainder(
+        size, {"train": 1 - dev_fraction - test_fraction, "dev": dev_fraction, "test": test_fraction}
+    )
     pools: dict[tuple[str, str], list[Template]] = defaultdict(list)
     for t in res.templates:
         pools[(split_of[t.group_id], t.intent)].append(t)
@@ -834,9 +1063,17 @@ def generate_splits(seed: int = 13, size: int = 10000, dev_fraction: float = 0.1
     dialogue_share = float(dialogue_share) if res.dialogues else 0.0
     dmix = {i: float((settings.get("mix") or lex["mix"]).get(i, 0.0)) for i in intents}
 
-    stats: dict[str, Any] = {"split_sizes": split_sizes, "dropped_duplicates": {}, "dropped_leaked": {},
-                             "redrawn_leaked_templates": {}, "seeds_left_out_for_size": {}, "shortfall": {},
-                             "dialogue_rows": {}, "dialogue_switch_rows": {}, "redrawn_leaked_dialogues": {}}
+    stats: dict[str, Any] = {
+        "split_sizes": split_sizes,
+        "dropped_duplicates": {},
+        "dropped_leaked": {},
+        "redrawn_leaked_templates": {},
+        "seeds_left_out_for_size": {},
+        "shortfall": {},
+        "dialogue_rows": {},
+        "dialogue_switch_rows": {},
+        "redrawn_leaked_dialogues": {},
+    }
     earlier: set[str] = set()
     out: dict[str, list[dict[str, Any]]] = {}
     for split in SPLITS:
@@ -860,8 +1097,17 @@ def generate_splits(seed: int = 13, size: int = 10000, dev_fraction: float = 0.1
             split_seeds = sorted(chosen, key=lambda r: r["seed_id"])
         stats["seeds_left_out_for_size"][split] = left_out
         for s in split_seeds:
-            status = bucket.add(_record(s["text"], list(s.get("context") or []), s["intent"], s["urgent"],
-                                        s.get("refund_recoverable"), f"seed:{s['seed_id']}", "seed"))
+            status = bucket.add(
+                _record(
+                    s["text"],
+                    list(s.get("context") or []),
+                    s["intent"],
+                    s["urgent"],
+                    s.get("refund_recoverable"),
+                    f"seed:{s['seed_id']}",
+                    "seed",
+                )
+            )
             n_dup += status == "duplicate"
             n_leak += status == "leaked"
         # 2. noisy variants of train seeds: hand-written messages are the closest to real traffic
@@ -877,8 +1123,15 @@ def generate_splits(seed: int = 13, size: int = 10000, dev_fraction: float = 0.1
                     context = own or neutral_context(lex, rng)
                     if normalise_text(text, lex) == normalise_text(s["text"], lex) and context == own:
                         continue  # nothing visible changed: not a variant
-                    rec = _record(text, context, s["intent"], s["urgent"], s.get("refund_recoverable"),
-                                  f"seed:{s['seed_id']}", "seed_variant")
+                    rec = _record(
+                        text,
+                        context,
+                        s["intent"],
+                        s["urgent"],
+                        s.get("refund_recoverable"),
+                        f"seed:{s['seed_id']}",
+                        "seed_variant",
+                    )
                     room -= bucket.add(rec) == "ok"
         # 3. dialogue snippets, on their own random stream (seed and template rows do not depend on them)
         n_dlg_redrawn = 0
@@ -905,9 +1158,21 @@ def generate_splits(seed: int = 13, size: int = 10000, dev_fraction: float = 0.1
             while made < n_switch and attempts < 8 * n_switch + 20:
                 attempts += 1
                 intent = drng.choices(switch_intents, [mix[i] for i in switch_intents])[0]
-                rec = _switch_row(intent, split, fams, alone, cues, lex, settings, drng, urgent_rate[intent],
-                                  refund_recoverable_rate, noise_rate, affix_rate,
-                                  taxonomy.route_of(intent) == "refund_triage")
+                rec = _switch_row(
+                    intent,
+                    split,
+                    fams,
+                    alone,
+                    cues,
+                    lex,
+                    settings,
+                    drng,
+                    urgent_rate[intent],
+                    refund_recoverable_rate,
+                    noise_rate,
+                    affix_rate,
+                    taxonomy.route_of(intent) == "refund_triage",
+                )
                 status = bucket.add(rec) if rec is not None else "none"
                 made += status == "ok"
                 n_dlg_redrawn += status == "leaked"
@@ -915,16 +1180,29 @@ def generate_splits(seed: int = 13, size: int = 10000, dev_fraction: float = 0.1
         # intent with templates in this split gets at least a quarter of its share from them
         have = Counter(r["intent"] for r in bucket.rows)
         wanted = largest_remainder(split_sizes[split], mix)
-        need = {i: max(wanted[i] - have[i], math.ceil(0.25 * wanted[i])) if pools.get((split, i)) else 0
-                for i in intents}
+        need = {
+            i: max(wanted[i] - have[i], math.ceil(0.25 * wanted[i])) if pools.get((split, i)) else 0
+            for i in intents
+        }
         quotas = largest_remainder(max(split_sizes[split] - len(bucket.rows), 0), need)
         for intent in intents:
             refund_intent = taxonomy.route_of(intent) == "refund_triage"
             made = attempts = 0
             while made < quotas[intent] and attempts < 8 * quotas[intent] + 20:
                 attempts += 1
-                rec = _template_row(intent, split, pools, cues, lex, rng, urgent_rate[intent],
-                                    refund_recoverable_rate, noise_rate, affix_rate, refund_intent)
+                rec = _template_row(
+                    intent,
+                    split,
+                    pools,
+                    cues,
+                    lex,
+                    rng,
+                    urgent_rate[intent],
+                    refund_recoverable_rate,
+                    noise_rate,
+                    affix_rate,
+                    refund_intent,
+                )
                 if rec is None:
                     break
                 status = bucket.add(rec)
@@ -936,8 +1214,19 @@ def generate_splits(seed: int = 13, size: int = 10000, dev_fraction: float = 0.1
         while order and len(bucket.rows) < split_sizes[split] and attempts < 4 * split_sizes[split] + 100:
             attempts += 1
             intent = rng.choices(order, [mix[i] for i in order])[0]
-            rec = _template_row(intent, split, pools, cues, lex, rng, urgent_rate[intent], refund_recoverable_rate,
-                                noise_rate, affix_rate, taxonomy.route_of(intent) == "refund_triage")
+            rec = _template_row(
+                intent,
+                split,
+                pools,
+                cues,
+                lex,
+                rng,
+                urgent_rate[intent],
+                refund_recoverable_rate,
+                noise_rate,
+                affix_rate,
+                taxonomy.route_of(intent) == "refund_triage",
+            )
             n_redrawn += bucket.add(rec) == "leaked"
         rows = bucket.rows[: split_sizes[split]]
         rng.shuffle(rows)
@@ -952,8 +1241,12 @@ def generate_splits(seed: int = 13, size: int = 10000, dev_fraction: float = 0.1
         earlier |= {normalise_text(r["text"], lex) for r in rows}
 
     stats["groups"] = {s: len({r["group_id"] for r in out[s]}) for s in SPLITS}
-    stats["template_groups"] = {s: len({r["group_id"] for r in out[s] if r["source"] == "template"}) for s in SPLITS}
-    stats["dialogue_groups"] = {s: len({r["group_id"] for r in out[s] if r["source"] == "dialogue"}) for s in SPLITS}
+    stats["template_groups"] = {
+        s: len({r["group_id"] for r in out[s] if r["source"] == "template"}) for s in SPLITS
+    }
+    stats["dialogue_groups"] = {
+        s: len({r["group_id"] for r in out[s] if r["source"] == "dialogue"}) for s in SPLITS
+    }
     stats["sources"] = {s: dict(sorted(Counter(r["source"] for r in out[s]).items())) for s in SPLITS}
     stats["urgent_cues"] = {s: len(cues[s]) for s in SPLITS}
     return {**out, "stats": stats}

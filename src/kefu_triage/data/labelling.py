@@ -18,7 +18,6 @@ n-gram TF-IDF (scikit-learn, imported only when needed: this is a labelling tool
 
 from __future__ import annotations
 
-import csv
 import difflib
 import json
 import sys
@@ -37,13 +36,12 @@ from kefu_triage.core.inputs import ROLE_PREFIX, clean_text
 from kefu_triage.core.taxonomy import Taxonomy, load_taxonomy
 from kefu_triage.data.records import (
     LABEL_FIELDS,
-    SUPPORTED_SUFFIXES,
     DataValidationError,
-    Row,
     _as_binary,
     _check_context,
     _example_key,
     _iter_jsonl,
+    iter_rows,
 )
 
 STRATEGIES = ("uncertainty", "diverse", "novelty", "random")
@@ -70,79 +68,6 @@ class LabellingError(ValueError):
 # ---------------------------------------------------------------------------------------------------
 # Reading an unlabelled pool (text + optional context; labels, if any, are ignored)
 # ---------------------------------------------------------------------------------------------------
-def _iter_csv_rows(path: Path) -> Iterator[Row]:
-    """CSV records with the physical line each starts on; only a ``text`` column is required.
-
-    records._iter_csv insists on the labelled columns (intent, urgent), so an unlabelled pool needs its own.
-    """
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DataValidationError(
-            [f"{path}:{line}: encoding: not valid UTF-8; save the file as UTF-8"], str(path)
-        ) from None
-    lines = text.splitlines(keepends=True)
-    reader = csv.reader(lines, strict=True)
-    try:
-        header = [h.strip() for h in next(reader, None) or []]
-        if "text" not in header:
-            raise DataValidationError([f"{path}:1: columns: no 'text' column; found {header}"], str(path))
-        start = reader.line_num + 1
-        for cells in reader:
-            lineno, start = start, reader.line_num + 1
-            if not any(c.strip() for c in cells):
-                continue
-            if len(cells) != len(header):
-                yield (
-                    lineno,
-                    None,
-                    (
-                        f"columns: {len(cells)} cells but the header has {len(header)} "
-                        "(quote cells that contain a comma)"
-                    ),
-                )
-                continue
-            yield lineno, dict(zip(header, cells, strict=True)), None
-    except csv.Error as exc:
-        raise DataValidationError([f"{path}:{reader.line_num}: csv: {exc}"], str(path)) from None
-
-
-def _iter_parquet_rows(path: Path) -> Iterator[Row]:
-    try:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-    except ImportError:
-        raise LabellingError(
-            f"{path}: reading Parquet needs pyarrow (pip install 'kefu-triage[train]')"
-        ) from None
-    except Exception as exc:  # pyarrow raises several types for a damaged or non-Parquet file
-        raise DataValidationError(
-            [f"{path}: parquet: cannot read the file ({type(exc).__name__}: {exc})"], str(path)
-        ) from None
-    if "text" not in table.column_names:
-        raise DataValidationError(
-            [f"{path}: columns: no 'text' column; found {table.column_names}"], str(path)
-        )
-    for i, row in enumerate(table.to_pylist(), start=1):
-        yield i, row, None
-
-
-def _iter_pool_rows(path: Path) -> Iterator[Row]:
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        return _iter_jsonl(path)
-    if suffix == ".csv":
-        return _iter_csv_rows(path)
-    if suffix == ".parquet":
-        return _iter_parquet_rows(path)
-    raise DataValidationError(
-        [f"{path}: unsupported file type {path.suffix!r}; use one of {SUPPORTED_SUFFIXES}"], str(path)
-    )
-
-
 def _check_pool_row(row: Any) -> tuple[dict[str, Any] | None, list[str]]:
     if not isinstance(row, dict):
         return None, [f"record: must be a JSON object, got {type(row).__name__}"]
@@ -174,7 +99,7 @@ def read_pool(path: str | Path, drop_invalid: bool = False) -> list[dict[str, An
     if not path.is_file():
         raise DataValidationError([f"{path}: file not found"], str(path))
     records, problems = [], []
-    for lineno, row, parse_problem in _iter_pool_rows(path):
+    for lineno, row, parse_problem in iter_rows(path, required=("text",)):
         record, issues = (None, [parse_problem]) if parse_problem else _check_pool_row(row)
         if record is None:
             problems += [f"{path}:{lineno}: {p}" for p in issues]

@@ -22,7 +22,7 @@ import json
 import logging
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,10 @@ log = logging.getLogger(__name__)
 MAX_LISTED_PROBLEMS = 50
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 LABEL_FIELDS = ("text", "context", "intent", "urgent", "refund_recoverable")
-REQUIRED_COLUMNS = ("text", "intent")  # context, urgent and refund_recoverable may be absent (empty / unknown)
+REQUIRED_COLUMNS = (
+    "text",
+    "intent",
+)  # context, urgent and refund_recoverable may be absent (empty / unknown)
 ROLES = ("customer", "agent")
 SPLIT_ORDER = ("train", "dev", "test", "eval")
 
@@ -52,7 +55,11 @@ class DataValidationError(ValueError):
         self.source = source
         shown = self.problems[:MAX_LISTED_PROBLEMS]
         more = len(self.problems) - len(shown)
-        head = f"{len(self.problems)} problem(s) in {source}" if source else f"{len(self.problems)} data problem(s)"
+        head = (
+            f"{len(self.problems)} problem(s) in {source}"
+            if source
+            else f"{len(self.problems)} data problem(s)"
+        )
         text = "\n  ".join(shown) + (f"\n  ... and {more} more" if more > 0 else "")
         super().__init__(f"{head}:\n  {text}" + (f"\n{hint}" if hint else ""))
 
@@ -67,26 +74,41 @@ def _iter_jsonl(path: Path) -> Iterator[Row]:
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as exc:
-                yield lineno, None, f"encoding: not valid UTF-8 (byte {exc.start} of the line); save the file as UTF-8"
+                yield (
+                    lineno,
+                    None,
+                    f"encoding: not valid UTF-8 (byte {exc.start} of the line); save the file as UTF-8",
+                )
                 continue
             if not line.strip():
                 continue
             try:
                 yield lineno, json.loads(line), None
             except json.JSONDecodeError as exc:
-                yield lineno, {"_raw": line.rstrip("\r\n")}, f"json: invalid JSON: {exc.msg} (column {exc.colno})"
+                yield (
+                    lineno,
+                    {"_raw": line.rstrip("\r\n")},
+                    f"json: invalid JSON: {exc.msg} (column {exc.colno})",
+                )
 
 
-def _check_columns(path: Path, columns: list[str], line: int | None) -> None:
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+def _check_columns(
+    path: Path, columns: list[str], line: int | None, required: Sequence[str] = REQUIRED_COLUMNS
+) -> None:
+    missing = [c for c in required if c not in columns]
     if missing:
         where = f"{path}:{line}" if line else str(path)
+        optional = "urgent, refund_recoverable, context" if "intent" in required else "context"
         raise DataValidationError(
-            [f"{where}: columns: missing {', '.join(map(repr, missing))}; found {columns}; expected "
-             f"{', '.join(REQUIRED_COLUMNS)} (+ optional urgent, refund_recoverable, context)"], str(path))
+            [
+                f"{where}: columns: missing {', '.join(map(repr, missing))}; found {columns}; expected "
+                f"{', '.join(required)} (+ optional {optional})"
+            ],
+            str(path),
+        )
 
 
-def _iter_csv(path: Path) -> Iterator[Row]:
+def _iter_csv(path: Path, required: Sequence[str] = REQUIRED_COLUMNS) -> Iterator[Row]:
     """CSV records with the physical line each starts on (header = line 1; quoted cells may span lines).
 
     The stdlib reader rather than pandas (behind ``Dataset.from_csv``): it reports the physical line of
@@ -98,8 +120,9 @@ def _iter_csv(path: Path) -> Iterator[Row]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise DataValidationError([f"{path}:{line}: encoding: not valid UTF-8; save the file as UTF-8"],
-                                  str(path)) from None
+        raise DataValidationError(
+            [f"{path}:{line}: encoding: not valid UTF-8; save the file as UTF-8"], str(path)
+        ) from None
     lines = text.splitlines(keepends=True)
     reader = csv.reader(lines, strict=True)
     try:
@@ -107,46 +130,56 @@ def _iter_csv(path: Path) -> Iterator[Row]:
         if header is None:
             raise DataValidationError([f"{path}:1: columns: empty file (no header row)"], str(path))
         header = [h.strip() for h in header]
-        _check_columns(path, header, 1)
+        _check_columns(path, header, 1, required)
         start = reader.line_num + 1
         for cells in reader:
             lineno, start = start, reader.line_num + 1
             if not any(c.strip() for c in cells):
                 continue
             if len(cells) != len(header):
-                raw = "".join(lines[lineno - 1: reader.line_num]).rstrip("\r\n")
-                yield lineno, {"_raw": raw}, (f"columns: {len(cells)} cells but the header has {len(header)} "
-                                              "(quote cells that contain a comma)")
+                raw = "".join(lines[lineno - 1 : reader.line_num]).rstrip("\r\n")
+                yield (
+                    lineno,
+                    {"_raw": raw},
+                    (
+                        f"columns: {len(cells)} cells but the header has {len(header)} "
+                        "(quote cells that contain a comma)"
+                    ),
+                )
                 continue
             yield lineno, dict(zip(header, cells, strict=True)), None
     except csv.Error as exc:
         raise DataValidationError([f"{path}:{reader.line_num}: csv: {exc}"], str(path)) from None
 
 
-def _iter_parquet(path: Path) -> Iterator[Row]:
+def _iter_parquet(path: Path, required: Sequence[str] = REQUIRED_COLUMNS) -> Iterator[Row]:
     """Parquet rows through ``datasets``; the line number is the row number (1-based)."""
     import datasets
 
     try:
         ds = datasets.Dataset.from_parquet(str(path))
     except Exception as exc:  # pyarrow/datasets raise several types for a damaged or non-Parquet file
-        raise DataValidationError([f"{path}: parquet: cannot read the file ({type(exc).__name__}: {exc})"],
-                                  str(path)) from None
-    _check_columns(path, list(ds.column_names), None)
+        raise DataValidationError(
+            [f"{path}: parquet: cannot read the file ({type(exc).__name__}: {exc})"], str(path)
+        ) from None
+    _check_columns(path, list(ds.column_names), None, required)
     for i, row in enumerate(ds):
         yield i + 1, row, None
 
 
-def _iter_rows(path: Path) -> Iterator[Row]:
+def iter_rows(path: Path, required: Sequence[str] = REQUIRED_COLUMNS) -> Iterator[Row]:
+    """``(line, row or None, parse problem or None)`` of a JSONL, CSV or Parquet file; CSV and Parquet files
+    must have the ``required`` columns (labelled data: text and intent; an unlabelled pool: text)."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         return _iter_jsonl(path)
     if suffix == ".csv":
-        return _iter_csv(path)
+        return _iter_csv(path, required)
     if suffix == ".parquet":
-        return _iter_parquet(path)
-    raise DataValidationError([f"{path}: unsupported file type {path.suffix!r}; use one of {SUPPORTED_SUFFIXES}"],
-                              str(path))
+        return _iter_parquet(path, required)
+    raise DataValidationError(
+        [f"{path}: unsupported file type {path.suffix!r}; use one of {SUPPORTED_SUFFIXES}"], str(path)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -239,8 +272,10 @@ def validate_record(row: Any, taxonomy: Taxonomy) -> tuple[dict[str, Any] | None
     elif known_intent:
         route = taxonomy.route_of(intent)  # on a refund_triage intent, None means unknown (the head skips it)
         if route != "refund_triage" and refund is not None:
-            problems.append(f"refund_recoverable: must be null for intent {intent!r} (route {route}); only "
-                            f"refund_triage intents ({', '.join(taxonomy.refund_intents) or 'none'}) carry it")
+            problems.append(
+                f"refund_recoverable: must be null for intent {intent!r} (route {route}); only "
+                f"refund_triage intents ({', '.join(taxonomy.refund_intents) or 'none'}) carry it"
+            )
 
     context, ctx_problem = _check_context(row.get("context"))
     if ctx_problem:
@@ -252,8 +287,13 @@ def validate_record(row: Any, taxonomy: Taxonomy) -> tuple[dict[str, Any] | None
     return record, []
 
 
-def validate_records(rows: Iterable[Row], taxonomy: Taxonomy, source: str, drop_invalid: bool = False,
-                     log_path: str | Path | None = None) -> list[dict[str, Any]]:
+def validate_records(
+    rows: Iterable[Row],
+    taxonomy: Taxonomy,
+    source: str,
+    drop_invalid: bool = False,
+    log_path: str | Path | None = None,
+) -> list[dict[str, Any]]:
     """Validate ``(line, row, parse problem or None)`` triples: raise with every problem at once, or (with
     ``drop_invalid``) drop the bad rows, log their count and reasons, and write them to ``log_path``."""
     records, problems, dropped = [], [], []
@@ -272,8 +312,12 @@ def validate_records(rows: Iterable[Row], taxonomy: Taxonomy, source: str, drop_
             entry["row"] = row if isinstance(row, dict) else None
         dropped.append(entry)
     if problems and not drop_invalid:
-        raise DataValidationError(problems, source, hint="Fix these rows, or set data.drop_invalid=true to drop them "
-                                                         "(the count is printed and the rows logged).")
+        raise DataValidationError(
+            problems,
+            source,
+            hint="Fix these rows, or set data.drop_invalid=true to drop them "
+            "(the count is printed and the rows logged).",
+        )
     if dropped:
         msg = f"{source}: dropped {len(dropped)} invalid row(s) of {total} (data.drop_invalid=true)"
         if log_path:
@@ -287,16 +331,26 @@ def validate_records(rows: Iterable[Row], taxonomy: Taxonomy, source: str, drop_
     return records
 
 
-def validate_examples(records: Iterable[Any], taxonomy: Taxonomy, source: str = "<records>",
-                      drop_invalid: bool = False, log_path: str | Path | None = None) -> list[dict[str, Any]]:
+def validate_examples(
+    records: Iterable[Any],
+    taxonomy: Taxonomy,
+    source: str = "<records>",
+    drop_invalid: bool = False,
+    log_path: str | Path | None = None,
+) -> list[dict[str, Any]]:
     """The same checks on in-memory records (e.g. generated data); the 'line' is the 1-based position, which
     is the line in a JSONL file written from ``records``."""
-    return validate_records(((i, r, None) for i, r in enumerate(records, start=1)), taxonomy, source,
-                            drop_invalid, log_path)
+    return validate_records(
+        ((i, r, None) for i, r in enumerate(records, start=1)), taxonomy, source, drop_invalid, log_path
+    )
 
 
-def read_examples(path: str | Path, taxonomy: Taxonomy | None = None, drop_invalid: bool = False,
-                  log_path: str | Path | None = None) -> list[dict[str, Any]]:
+def read_examples(
+    path: str | Path,
+    taxonomy: Taxonomy | None = None,
+    drop_invalid: bool = False,
+    log_path: str | Path | None = None,
+) -> list[dict[str, Any]]:
     """Validated, normalised records from a JSONL/CSV/Parquet file.
 
     Raises DataValidationError listing every problem as ``path:line: field: problem``; with
@@ -306,7 +360,7 @@ def read_examples(path: str | Path, taxonomy: Taxonomy | None = None, drop_inval
     taxonomy = taxonomy or load_taxonomy()
     if not path.is_file():
         raise DataValidationError([f"{path}: file not found"], str(path))
-    records = validate_records(_iter_rows(path), taxonomy, str(path), drop_invalid, log_path)
+    records = validate_records(iter_rows(path), taxonomy, str(path), drop_invalid, log_path)
     if not records:
         raise DataValidationError([f"{path}: no valid examples"], str(path))
     return records
@@ -329,10 +383,16 @@ def _labels(record: dict[str, Any]) -> tuple:
 class SplitReport:
     """What ``check_splits`` found (texts compared after ``textproc.clean_text``)."""
 
-    duplicates: dict[str, int] = field(default_factory=dict)  # split -> rows repeating an earlier (text, context)
-    conflicts: dict[str, int] = field(default_factory=dict)  # split -> (text, context)s seen with different labels
+    duplicates: dict[str, int] = field(
+        default_factory=dict
+    )  # split -> rows repeating an earlier (text, context)
+    conflicts: dict[str, int] = field(
+        default_factory=dict
+    )  # split -> (text, context)s seen with different labels
     leakage: dict[str, int] = field(default_factory=dict)  # "train->dev" -> distinct dev texts also in train
-    examples: dict[str, list[str]] = field(default_factory=dict)  # up to 5 texts per finding: "dup:train", "train->dev"
+    examples: dict[str, list[str]] = field(
+        default_factory=dict
+    )  # up to 5 texts per finding: "dup:train", "train->dev"
 
     @property
     def has_leakage(self) -> bool:
@@ -346,16 +406,27 @@ class SplitReport:
         return asdict(self)
 
     def summary(self) -> str:
-        parts = [f"{s}: {n} duplicate row(s), e.g. {self.examples[f'dup:{s}'][:3]}"
-                 for s, n in self.duplicates.items() if n]
-        parts += [f"{s}: {n} text(s) with conflicting labels, e.g. {self.examples[f'conflict:{s}'][:3]}"
-                  for s, n in self.conflicts.items() if n]
-        parts += [f"{pair}: {n} leaked text(s), e.g. {self.examples[pair][:3]}" for pair, n in self.leakage.items() if n]
+        parts = [
+            f"{s}: {n} duplicate row(s), e.g. {self.examples[f'dup:{s}'][:3]}"
+            for s, n in self.duplicates.items()
+            if n
+        ]
+        parts += [
+            f"{s}: {n} text(s) with conflicting labels, e.g. {self.examples[f'conflict:{s}'][:3]}"
+            for s, n in self.conflicts.items()
+            if n
+        ]
+        parts += [
+            f"{pair}: {n} leaked text(s), e.g. {self.examples[pair][:3]}"
+            for pair, n in self.leakage.items()
+            if n
+        ]
         return "; ".join(parts) or "no duplicates, no conflicting labels, no leakage between splits"
 
 
-def check_splits(splits: dict[str, list[dict[str, Any]]],
-                 pairs: Iterable[tuple[str, str]] | None = None) -> SplitReport:
+def check_splits(
+    splits: dict[str, list[dict[str, Any]]], pairs: Iterable[tuple[str, str]] | None = None
+) -> SplitReport:
     """Duplicates and conflicting labels within each split; exact-text leakage between splits.
 
     Leakage is counted for ``pairs`` of (earlier, later) split names; by default every split against each
@@ -379,7 +450,7 @@ def check_splits(splits: dict[str, list[dict[str, Any]]],
         texts[name] = {clean_text(r["text"]) for r in records}
     names = list(splits)
     if pairs is None:
-        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     for earlier, later in pairs:
         leaked = sorted(texts[earlier] & texts[later])
         report.leakage[f"{earlier}->{later}"] = len(leaked)
@@ -390,8 +461,11 @@ def check_splits(splits: dict[str, list[dict[str, Any]]],
 def report_splits(report: SplitReport, fail_on_leakage: bool = False, source: str = "splits") -> None:
     """Log duplicates, conflicting labels and leakage as a warning; leakage raises when ``fail_on_leakage``."""
     if report.has_leakage and fail_on_leakage:
-        raise DataValidationError([f"{source}: leakage between splits: {report.summary()}"], source,
-                                  hint="data.fail_on_leakage=true: remove the shared texts from one of the splits.")
+        raise DataValidationError(
+            [f"{source}: leakage between splits: {report.summary()}"],
+            source,
+            hint="data.fail_on_leakage=true: remove the shared texts from one of the splits.",
+        )
     if report.has_findings:
         log.warning("%s: %s", source, report.summary())
 
@@ -409,14 +483,16 @@ def to_dataset(records: list[dict[str, Any]], taxonomy: Taxonomy):
     refund_recoverable label (the loss masks it)."""
     import datasets
 
-    features = datasets.Features({
-        "text": datasets.Value("string"),
-        "context": datasets.List({"role": datasets.Value("string"), "text": datasets.Value("string")}),
-        "intent": datasets.Value("string"),
-        "intent_id": datasets.Value("int64"),
-        "urgent": datasets.Value("int64"),
-        "refund_recoverable": datasets.Value("int64"),
-    })
+    features = datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            "context": datasets.List({"role": datasets.Value("string"), "text": datasets.Value("string")}),
+            "intent": datasets.Value("string"),
+            "intent_id": datasets.Value("int64"),
+            "urgent": datasets.Value("int64"),
+            "refund_recoverable": datasets.Value("int64"),
+        }
+    )
     columns = {
         "text": [r["text"] for r in records],
         "context": [r.get("context") or [] for r in records],
@@ -434,8 +510,10 @@ def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
         from omegaconf import DictConfig, OmegaConf
 
         if isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, key):
-            raise DataValidationError([f"data.{key}: required but not set (???); e.g. data.{key}=/path/to/file.jsonl"],
-                                      f"data.{key}")
+            raise DataValidationError(
+                [f"data.{key}: required but not set (???); e.g. data.{key}=/path/to/file.jsonl"],
+                f"data.{key}",
+            )
     except ImportError:  # pragma: no cover - a runtime-only install never loads data configs
         pass
     value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
@@ -467,14 +545,16 @@ def load_split_records(data_cfg: Any, taxonomy: Taxonomy) -> dict[str, list[dict
             continue
         if not Path(path).is_file():
             hint = " (run `make data` to generate the embedded dataset)" if split != "eval" else ""
-            raise DataValidationError([f"data.{split}_file: file not found: {path}{hint}"], f"data.{split}_file")
+            raise DataValidationError(
+                [f"data.{split}_file: file not found: {path}{hint}"], f"data.{split}_file"
+            )
         drop_log = Path(log_dir) / f"dropped_{split}.jsonl" if (drop and log_dir) else None
         splits[split] = read_examples(path, taxonomy, drop_invalid=drop, log_path=drop_log)
         limit = _cfg_get(data_cfg, f"max_{split}_examples")
         if limit:
             splits[split] = splits[split][: int(limit)]
     names = [s for s in splits if s != "eval"]
-    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     pairs += [(s, "eval") for s in ("train", "dev") if s in splits and "eval" in splits]
     report_splits(check_splits(splits, pairs), bool(_cfg_get(data_cfg, "fail_on_leakage", False)))
     return splits
@@ -496,8 +576,12 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     urgent = [r["urgent"] for r in records if r.get("urgent") is not None]
     return {
         "rows": n,
-        "intents": dict(sorted(Counter(r["intent"] for r in records).items(), key=lambda kv: (-kv[1], kv[0]))),
-        "urgent_rate": round(sum(urgent) / len(urgent), 4) if urgent else 0.0,  # over rows with an urgent label
+        "intents": dict(
+            sorted(Counter(r["intent"] for r in records).items(), key=lambda kv: (-kv[1], kv[0]))
+        ),
+        "urgent_rate": round(sum(urgent) / len(urgent), 4)
+        if urgent
+        else 0.0,  # over rows with an urgent label
         "urgent_labelled": len(urgent),
         "refund_recoverable": int(refund.get(1, 0)),
         "refund_firm": int(refund.get(0, 0)),
@@ -522,13 +606,19 @@ def run_validate(args: Any) -> int:
             continue
         loaded[str(path)] = records
         s = summarize(records)
-        print(f"{path}: OK, {s['rows']} rows\n"
-              f"  urgent {s['urgent_rate']:.1%} | refund recoverable {s['refund_recoverable']} / firm "
-              f"{s['refund_firm']} | with context {s['with_context']:.1%} | mean {s['mean_chars']} chars\n"
-              f"  intents: {', '.join(f'{k} {v}' for k, v in s['intents'].items())}")
+        print(
+            f"{path}: OK, {s['rows']} rows\n"
+            f"  urgent {s['urgent_rate']:.1%} | refund recoverable {s['refund_recoverable']} / firm "
+            f"{s['refund_firm']} | with context {s['with_context']:.1%} | mean {s['mean_chars']} chars\n"
+            f"  intents: {', '.join(f'{k} {v}' for k, v in s['intents'].items())}"
+        )
     report = check_splits(loaded)
     if report.has_findings:
         print(f"warning: {report.summary()}")
     invalid = len(args.files) - len(loaded)
-    print(f"{invalid} of {len(args.files)} file(s) invalid" if invalid else f"all {len(args.files)} file(s) valid")
+    print(
+        f"{invalid} of {len(args.files)} file(s) invalid"
+        if invalid
+        else f"all {len(args.files)} file(s) valid"
+    )
     return 1 if invalid else 0

@@ -29,13 +29,19 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, multiclass: bool) ->
     labels = np.asarray(labels).astype(int)
     if len(labels) < 2 or len(np.unique(labels)) < 2:
         return 1.0
-    res = minimize_scalar(lambda log_t: _nll(logits, labels, float(np.exp(log_t)), multiclass),
-                          bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    res = minimize_scalar(
+        lambda log_t: _nll(logits, labels, float(np.exp(log_t)), multiclass),
+        bounds=(np.log(0.05), np.log(20.0)),
+        method="bounded",
+    )
     return float(np.exp(res.x))
 
 
-def calibrate(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray],
-              min_temperature: dict[str, float] | None = None) -> dict[str, Any]:
+def calibrate(
+    logits: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    min_temperature: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Fit a temperature per head on dev; ECE before and after. The binary heads' labels use -1 for rows
     without a label (those rows are ignored). ``min_temperature`` floors a head's temperature: synthetic dev
     is easier than real traffic, and a T < 1 fitted on it sharpens an already overconfident model."""
@@ -47,16 +53,25 @@ def calibrate(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray],
             lg, y = lg[keep], y[keep]
         multiclass = head == "intent"
         temps[head] = max(fit_temperature(lg, y, multiclass), float((min_temperature or {}).get(head) or 0.0))
-        prob = (softmax if multiclass else sigmoid)
+        prob = softmax if multiclass else sigmoid
         before = head_confidence(head, prob(lg, 1.0), y)
         after = head_confidence(head, prob(lg, temps[head]), y)
-        ece[head] = {"before": expected_calibration_error(*before), "after": expected_calibration_error(*after)}
+        ece[head] = {
+            "before": expected_calibration_error(*before),
+            "after": expected_calibration_error(*after),
+        }
         curves[head] = {"before": reliability_curve(*before), "after": reliability_curve(*after)}
     return {"temperatures": temps, "ece": ece, "reliability": curves}
 
 
-def fit_novelty(predict, train_records: list[dict[str, Any]], reference_records: list[dict[str, Any]], taxonomy,
-                max_rows: int = 3000, seed: int = 0):
+def fit_novelty(
+    predict,
+    train_records: list[dict[str, Any]],
+    reference_records: list[dict[str, Any]],
+    taxonomy,
+    max_rows: int = 3000,
+    seed: int = 0,
+):
     """Novelty statistics (kefu_triage.core.novelty) of a model: class means and shared covariance of the
     pooled state on a fixed random sample of at most ``max_rows`` training messages (by gold intent), and
     the novelty scale from the held-out ``reference_records`` (dev). ``predict(records)`` returns a dict
@@ -68,6 +83,8 @@ def fit_novelty(predict, train_records: list[dict[str, Any]], reference_records:
     pick = sorted(rng.choice(len(train_records), size=min(max_rows, len(train_records)), replace=False))
     train = [train_records[i] for i in pick]
     labels = np.array([taxonomy.intent_id(r["intent"]) for r in train])
-    pick = sorted(rng.choice(len(reference_records), size=min(max_rows, len(reference_records)), replace=False))
+    pick = sorted(
+        rng.choice(len(reference_records), size=min(max_rows, len(reference_records)), replace=False)
+    )
     reference = predict([reference_records[i] for i in pick])[POOLED_OUTPUT]
     return NoveltyModel.fit(predict(train)[POOLED_OUTPUT], labels, reference)

@@ -157,8 +157,10 @@ def calibrate_policy(
     report["delta"] = float(delta)
     if j is None:
         th = replace(th, confidence=1.0, novelty=0.0)
-        report["warning"] = ("no λ short of sending every message to a person is certified at this risk on "
-                             f"{n} rows: bot coverage 0; label more messages or allow a larger risk")
+        report["warning"] = (
+            "no λ short of sending every message to a person is certified at this risk on "
+            f"{n} rows: bot coverage 0; label more messages or allow a larger risk"
+        )
     else:
         lam = float(lambdas[j])
         th = replace(th, confidence=lam, novelty=(1.0 - lam) if with_novelty else th.novelty)

@@ -42,9 +42,16 @@ class Gold:
     def from_records(cls, records: list[dict[str, Any]], taxonomy) -> Gold:
         return cls(
             intent=np.array([taxonomy.intent_id(r["intent"]) for r in records], dtype=int),
-            urgent=np.array([-1 if r.get("urgent") is None else int(r["urgent"]) for r in records], dtype=int),
-            refund=np.array([-1 if r.get("refund_recoverable") is None else int(r["refund_recoverable"])
-                             for r in records], dtype=int),
+            urgent=np.array(
+                [-1 if r.get("urgent") is None else int(r["urgent"]) for r in records], dtype=int
+            ),
+            refund=np.array(
+                [
+                    -1 if r.get("refund_recoverable") is None else int(r["refund_recoverable"])
+                    for r in records
+                ],
+                dtype=int,
+            ),
             intent_routes=np.asarray(taxonomy.routes, dtype=object),
         )
 
@@ -75,8 +82,15 @@ def intent_metrics(gold: np.ndarray, probs: np.ndarray, labels: list[str]) -> di
     return {
         "accuracy": float(accuracy_score(gold, pred)),
         "macro_f1": macro_f1(gold, pred, len(labels)),
-        "per_class": {labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-                      for i in ids},
+        "per_class": {
+            labels[i]: {
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+                "f1": float(f[i]),
+                "support": int(s[i]),
+            }
+            for i in ids
+        },
         "confusion_matrix": confusion_matrix(gold, pred, labels=ids).tolist(),
     }
 
@@ -101,8 +115,9 @@ def binary_metrics(gold: np.ndarray, prob: np.ndarray, threshold: float) -> dict
 # ---------------------------------------------------------------------------------------------------
 # Triage
 # ---------------------------------------------------------------------------------------------------
-def triage_metrics(route_human: np.ndarray, pred_intent: np.ndarray, gold: Gold,
-                   traffic: dict[str, float] | None = None) -> dict[str, float]:
+def triage_metrics(
+    route_human: np.ndarray, pred_intent: np.ndarray, gold: Gold, traffic: dict[str, float] | None = None
+) -> dict[str, float]:
     n = len(gold)
     bot = ~route_human
     bot_error = bot & (gold.should_reach_human | (pred_intent != gold.intent))
@@ -115,19 +130,29 @@ def triage_metrics(route_human: np.ndarray, pred_intent: np.ndarray, gold: Gold,
         "bot_resolved_share": coverage * (1 - risk),
         "human_share": 1 - coverage,
         "urgent_recall": float(route_human[urgent].mean()) if urgent.any() else float("nan"),
-        "recoverable_capture": float(route_human[gold.recoverable].mean()) if gold.recoverable.any() else float("nan"),
-        "human_needed_recall": float(route_human[gold.should_reach_human].mean()) if gold.should_reach_human.any() else float("nan"),
+        "recoverable_capture": float(route_human[gold.recoverable].mean())
+        if gold.recoverable.any()
+        else float("nan"),
+        "human_needed_recall": float(route_human[gold.should_reach_human].mean())
+        if gold.should_reach_human.any()
+        else float("nan"),
     }
     if traffic:
         per_hour = float(traffic["messages_per_hour"]) * out["human_share"]
-        agents = per_hour * float(traffic["handling_time_seconds"]) / 3600.0 / float(traffic.get("agent_occupancy", 1.0))
+        agents = (
+            per_hour
+            * float(traffic["handling_time_seconds"])
+            / 3600.0
+            / float(traffic.get("agent_occupancy", 1.0))
+        )
         out["human_messages_per_hour"] = per_hour
         out["agents_needed"] = agents
     return out
 
 
-def dev_metrics(logits: dict[str, np.ndarray], records: list[dict[str, Any]], taxonomy,
-                weights: dict[str, float]) -> dict[str, float]:
+def dev_metrics(
+    logits: dict[str, np.ndarray], records: list[dict[str, Any]], taxonomy, weights: dict[str, float]
+) -> dict[str, float]:
     """The per-epoch dev figures of training (raw logits, threshold 0) and their weighted ``score``."""
     intent_true = np.array([taxonomy.intent_id(r["intent"]) for r in records])
     intent_pred = logits["intent_logits"].argmax(1)
@@ -140,7 +165,8 @@ def dev_metrics(logits: dict[str, np.ndarray], records: list[dict[str, Any]], ta
         "intent_macro_f1": macro_f1(intent_true, intent_pred, taxonomy.num_intents),
         "urgent_f1": float(f1_score(urgent_true, urgent_pred, zero_division=0)),
         "urgent_auc": float(roc_auc_score(urgent_true, logits["urgent_logit"][urgent_known]))
-        if len(set(urgent_true)) > 1 else 0.5,
+        if len(set(urgent_true)) > 1
+        else 0.5,
     }
     if refund_mask.any():
         rt = np.array([r["refund_recoverable"] for r in records])[refund_mask].astype(int)
@@ -171,7 +197,9 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bi
     return float(ece)
 
 
-def reliability_curve(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> dict[str, list[float]]:
+def reliability_curve(
+    confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10
+) -> dict[str, list[float]]:
     confidence, correct = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
     bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
     out: dict[str, list[float]] = {"confidence": [], "accuracy": [], "count": []}

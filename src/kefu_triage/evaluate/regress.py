@@ -83,9 +83,11 @@ def load_tolerances(path: str | Path | None = None) -> dict[str, dict[str, float
     for metric, rule in rules.items():
         if not isinstance(rule, dict) or len(rule) != 1:
             raise RegressError(f"{path}: metrics.{metric}: give exactly one of {list(RULE_KINDS)}")
-        (kind, limit), = rule.items()
+        ((kind, limit),) = rule.items()
         if kind not in RULE_KINDS:
-            raise RegressError(f"{path}: metrics.{metric}: unknown rule {kind!r}; use one of {list(RULE_KINDS)}")
+            raise RegressError(
+                f"{path}: metrics.{metric}: unknown rule {kind!r}; use one of {list(RULE_KINDS)}"
+            )
         if not isinstance(limit, (int, float)) or isinstance(limit, bool) or limit < 0:
             raise RegressError(f"{path}: metrics.{metric}.{kind} must be a number >= 0, got {limit!r}")
     return {m: {k: float(v) for k, v in r.items()} for m, r in rules.items()}
@@ -103,13 +105,17 @@ def _allowed(kind: str, limit: float, baseline: float, current: float) -> bool:
     return (current - baseline) / scale <= limit + eps
 
 
-def compare(baseline: dict[str, Any], current: dict[str, Any], tolerances: dict[str, dict[str, float]]) -> list[Check]:
+def compare(
+    baseline: dict[str, Any], current: dict[str, Any], tolerances: dict[str, dict[str, float]]
+) -> list[Check]:
     """One Check per metric named (or matched by a pattern) in the tolerances."""
     base_flat, cur_flat = flatten(baseline), flatten(current)
     checks: list[Check] = []
     for pattern, rule in tolerances.items():
-        (kind, limit), = rule.items()
-        names = sorted(n for n in base_flat if fnmatch.fnmatchcase(n, pattern)) if "*" in pattern else [pattern]
+        ((kind, limit),) = rule.items()
+        names = (
+            sorted(n for n in base_flat if fnmatch.fnmatchcase(n, pattern)) if "*" in pattern else [pattern]
+        )
         if not names:
             checks.append(Check(pattern, None, None, kind, limit, False, "no baseline metric matches"))
         for name in names:
@@ -132,20 +138,29 @@ def format_table(checks: list[Check]) -> str:
     rows = [("metric", "baseline", "current", "delta", "rule", "status")]
     for c in checks:
         status = "ok" if c.ok else "REGRESSED" if not c.note else f"FAIL: {c.note}"
-        rows.append((c.metric, fmt(c.baseline), fmt(c.current), fmt(c.delta), f"{c.rule} {c.limit:g}", status))
+        rows.append(
+            (c.metric, fmt(c.baseline), fmt(c.current), fmt(c.delta), f"{c.rule} {c.limit:g}", status)
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def regress(baseline_path: str | Path, current_path: str | Path, tolerances_path: str | Path | None = None) -> tuple[bool, str]:
+def regress(
+    baseline_path: str | Path, current_path: str | Path, tolerances_path: str | Path | None = None
+) -> tuple[bool, str]:
     """(passed, table). Raises RegressError for unreadable inputs."""
-    checks = compare(load_json(baseline_path, "baseline"), load_json(current_path, "current metrics"),
-                     load_tolerances(tolerances_path))
+    checks = compare(
+        load_json(baseline_path, "baseline"),
+        load_json(current_path, "current metrics"),
+        load_tolerances(tolerances_path),
+    )
     failed = [c for c in checks if not c.ok]
     summary = f"{len(checks) - len(failed)}/{len(checks)} metrics within tolerance"
-    return not failed, f"{format_table(checks)}\n\n{summary}" + (f"; {len(failed)} regressed" if failed else "")
+    return not failed, f"{format_table(checks)}\n\n{summary}" + (
+        f"; {len(failed)} regressed" if failed else ""
+    )
 
 
 def run_regress(args: Any) -> int:

@@ -12,12 +12,19 @@ import numpy as np
 
 from kefu_triage.core.fileio import atomic_write_text
 
-TRIAGE_ROWS = (("coverage", "bot coverage (containment proxy)"), ("risk", "bot risk"),
-               ("bot_resolved_share", "bot-resolved share"), ("urgent_recall", "urgent escalation recall"),
-               ("recoverable_capture", "recoverable-refund capture"), ("human_share", "human share"),
-               ("agents_needed", "agents needed at configured traffic"), ("aurc", "AURC (lower is better)"),
-               ("coverage_at_risk_2", "coverage at risk 2%"), ("coverage_at_risk_5", "coverage at risk 5%"),
-               ("coverage_at_risk_10", "coverage at risk 10%"))
+TRIAGE_ROWS = (
+    ("coverage", "bot coverage (containment proxy)"),
+    ("risk", "bot risk"),
+    ("bot_resolved_share", "bot-resolved share"),
+    ("urgent_recall", "urgent escalation recall"),
+    ("recoverable_capture", "recoverable-refund capture"),
+    ("human_share", "human share"),
+    ("agents_needed", "agents needed at configured traffic"),
+    ("aurc", "AURC (lower is better)"),
+    ("coverage_at_risk_2", "coverage at risk 2%"),
+    ("coverage_at_risk_5", "coverage at risk 5%"),
+    ("coverage_at_risk_10", "coverage at risk 10%"),
+)
 
 
 def _fmt(v: Any) -> str:
@@ -56,8 +63,15 @@ def make_plots(results: list[dict[str, Any]], taxonomy) -> dict[str, str]:
     for i in range(len(names)):
         for j in range(len(names)):
             if cm[i, j]:
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
-                        color="white" if cmn[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if cmn[i, j] > 0.5 else "black",
+                )
     ax.set_xlabel("predicted")
     ax.set_ylabel("gold")
     ax.set_title("Intent confusion matrix (test, row-normalised colour)")
@@ -104,66 +118,125 @@ def markdown(metrics: dict[str, Any], results: list[dict[str, Any]], taxonomy) -
     m = metrics["model"]
     op = metrics["operating_point"]
     ds = metrics["dataset"]
-    lines = ["# kefu-triage evaluation report", "",
-             f"Evaluated on `{ds['eval_file']}` ({ds[ds['eval_split']]['rows']} messages); thresholds and "
-             "temperatures tuned on dev for the operating point: maximise bot coverage subject to bot risk ≤ "
-             f"{op['max_bot_risk']:.0%}, urgent recall ≥ {op['min_urgent_recall']:.0%}, recoverable capture ≥ "
-             f"{op['min_recoverable_capture']:.0%}.", ""]
+    lines = [
+        "# kefu-triage evaluation report",
+        "",
+        f"Evaluated on `{ds['eval_file']}` ({ds[ds['eval_split']]['rows']} messages); thresholds and "
+        "temperatures tuned on dev for the operating point: maximise bot coverage subject to bot risk ≤ "
+        f"{op['max_bot_risk']:.0%}, urgent recall ≥ {op['min_urgent_recall']:.0%}, recoverable capture ≥ "
+        f"{op['min_recoverable_capture']:.0%}.",
+        "",
+    ]
     if not op["constraints_met"]:
-        lines += [f"**The operating point could not be met on dev** (best-effort shortfall: "
-                  f"{ {k: round(v, 4) for k, v in m['tuning']['shortfall'].items()} }).", ""]
+        lines += [
+            f"**The operating point could not be met on dev** (best-effort shortfall: "
+            f"{ {k: round(v, 4) for k, v in m['tuning']['shortfall'].items()} }).",
+            "",
+        ]
     lines += ["## Triage (test)", "", "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key, label in TRIAGE_ROWS:
-        lines.append(f"| {label} | " + " | ".join(_fmt(r["metrics"]["triage"].get(key)) for r in results) + " |")
-    lines += ["", "## Heads (test)", "", "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for head, key in (("intent", "accuracy"), ("intent", "macro_f1"), ("urgent", "roc_auc"), ("urgent", "pr_auc"),
-                      ("urgent", "precision"), ("urgent", "recall"), ("refund_recoverable", "roc_auc"),
-                      ("refund_recoverable", "precision"), ("refund_recoverable", "recall")):
-        lines.append(f"| {head} {key} | " + " | ".join(_fmt(r["metrics"][head].get(key)) for r in results) + " |")
-    lines += ["", f"Rows per head (labels may be partial; a head skips rows without its label): intent "
-              f"{ds[ds['eval_split']]['rows']}, urgent {m['urgent'].get('n')}, refund_recoverable "
-              f"{m['refund_recoverable'].get('n')}."]
-    lines += ["", "## Where the model wins and loses (intent F1 per class, model minus peer)", "",
-              "| intent | route | support | model F1 | " + " | ".join(f"Δ vs {n}" for n in names[1:]) + " |",
-              "|---|---|---|---|" + "---|" * (len(names) - 1)]
+        lines.append(
+            f"| {label} | " + " | ".join(_fmt(r["metrics"]["triage"].get(key)) for r in results) + " |"
+        )
+    lines += [
+        "",
+        "## Heads (test)",
+        "",
+        "| metric | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for head, key in (
+        ("intent", "accuracy"),
+        ("intent", "macro_f1"),
+        ("urgent", "roc_auc"),
+        ("urgent", "pr_auc"),
+        ("urgent", "precision"),
+        ("urgent", "recall"),
+        ("refund_recoverable", "roc_auc"),
+        ("refund_recoverable", "precision"),
+        ("refund_recoverable", "recall"),
+    ):
+        lines.append(
+            f"| {head} {key} | " + " | ".join(_fmt(r["metrics"][head].get(key)) for r in results) + " |"
+        )
+    lines += [
+        "",
+        f"Rows per head (labels may be partial; a head skips rows without its label): intent "
+        f"{ds[ds['eval_split']]['rows']}, urgent {m['urgent'].get('n')}, refund_recoverable "
+        f"{m['refund_recoverable'].get('n')}.",
+    ]
+    lines += [
+        "",
+        "## Where the model wins and loses (intent F1 per class, model minus peer)",
+        "",
+        "| intent | route | support | model F1 | " + " | ".join(f"Δ vs {n}" for n in names[1:]) + " |",
+        "|---|---|---|---|" + "---|" * (len(names) - 1),
+    ]
     for name, route in zip(taxonomy.intent_names, taxonomy.routes, strict=True):
         mf = m["intent"]["per_class"][name]["f1"]
         deltas = [mf - r["metrics"]["intent"]["per_class"][name]["f1"] for r in results[1:]]
-        lines.append(f"| {name} | {route} | {m['intent']['per_class'][name]['support']} | {mf:.3f} | "
-                     + " | ".join(f"{d:+.3f}" for d in deltas) + " |")
+        lines.append(
+            f"| {name} | {route} | {m['intent']['per_class'][name]['support']} | {mf:.3f} | "
+            + " | ".join(f"{d:+.3f}" for d in deltas)
+            + " |"
+        )
     lines += ["", "## Policy", "", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key in ("urgent", "recoverable", "confidence", "margin"):
-        lines.append(f"| τ_{key} | " + " | ".join(_fmt(r["metrics"]["thresholds"][key]) for r in results) + " |")
-    lines.append("| constraints met on dev | " + " | ".join(str(r["metrics"]["tuning"]["constraints_met"]) for r in results) + " |")
-    lines += ["", "Reasons on test (model): " + ", ".join(f"{k} {v}" for k, v in m["reasons"].items()), "",
-              "Calibration (model): " + ", ".join(
-                  f"{h} T={m['calibration']['temperatures'][h]:.2f} ECE {e['before']:.3f}→{e['after']:.3f}"
-                  for h, e in m["calibration"]["ece"].items()), ""]
+        lines.append(
+            f"| τ_{key} | " + " | ".join(_fmt(r["metrics"]["thresholds"][key]) for r in results) + " |"
+        )
+    lines.append(
+        "| constraints met on dev | "
+        + " | ".join(str(r["metrics"]["tuning"]["constraints_met"]) for r in results)
+        + " |"
+    )
+    lines += [
+        "",
+        "Reasons on test (model): " + ", ".join(f"{k} {v}" for k, v in m["reasons"].items()),
+        "",
+        "Calibration (model): "
+        + ", ".join(
+            f"{h} T={m['calibration']['temperatures'][h]:.2f} ECE {e['before']:.3f}→{e['after']:.3f}"
+            for h, e in m["calibration"]["ece"].items()
+        ),
+        "",
+    ]
     s = metrics.get("sanity") or {}
     if s:
         lines += ["## Sanity checks on real text (../shared, never trained on)", ""]
         if "reviews_urgent_auc" in s:
-            lines.append(f"- Urgent head, negative vs positive product reviews ({s['reviews_rows']} sampled): "
-                         f"ROC-AUC {s['reviews_urgent_auc']:.3f} (> 0.5 means negative reviews score as more urgent).")
+            lines.append(
+                f"- Urgent head, negative vs positive product reviews ({s['reviews_rows']} sampled): "
+                f"ROC-AUC {s['reviews_urgent_auc']:.3f} (> 0.5 means negative reviews score as more urgent)."
+            )
         if "real_turns_bot_share" in s:
             top = sorted(s["real_turns_intents"].items(), key=lambda kv: -kv[1])[:6]
-            lines.append(f"- {s['real_turns_rows']} real JDDC customer turns: bot share {s['real_turns_bot_share']:.1%}; "
-                         f"reasons {s['real_turns_reasons']}; top predicted intents {top}.")
+            lines.append(
+                f"- {s['real_turns_rows']} real JDDC customer turns: bot share {s['real_turns_bot_share']:.1%}; "
+                f"reasons {s['real_turns_reasons']}; top predicted intents {top}."
+            )
         lines.append("")
     lines += extra_sets_markdown(metrics.get("extra_sets") or {}, metrics.get("extra_sets_skipped") or [])
     lines += ["Plots: see report.html. Worst mistakes: errors.jsonl.", ""]
     return "\n".join(lines)
 
 
-EXTRA_ROWS = (("intent accuracy", ("intent", "accuracy")), ("intent macro-F1 (intents in the set)", ("intent", "macro_f1")),
-              ("mean intent confidence", ("intent", "mean_confidence")),
-              ("confidence minus accuracy", ("intent", "confidence_minus_accuracy")),
-              ("intent ECE", ("calibration", "intent_ece")), ("urgent ROC-AUC", ("urgent", "roc_auc")),
-              ("urgent recall (head, τ_urgent)", ("urgent", "recall")), ("urgent ECE", ("calibration", "urgent_ece")),
-              ("refund_recoverable ROC-AUC", ("refund_recoverable", "roc_auc")),
-              ("route agreement", ("triage", "route_agreement")), ("bot coverage", ("triage", "coverage")),
-              ("bot risk", ("triage", "risk")), ("urgent escalation recall", ("triage", "urgent_recall")),
-              ("AURC (lower is better)", ("triage", "aurc")))
+EXTRA_ROWS = (
+    ("intent accuracy", ("intent", "accuracy")),
+    ("intent macro-F1 (intents in the set)", ("intent", "macro_f1")),
+    ("mean intent confidence", ("intent", "mean_confidence")),
+    ("confidence minus accuracy", ("intent", "confidence_minus_accuracy")),
+    ("intent ECE", ("calibration", "intent_ece")),
+    ("urgent ROC-AUC", ("urgent", "roc_auc")),
+    ("urgent recall (head, τ_urgent)", ("urgent", "recall")),
+    ("urgent ECE", ("calibration", "urgent_ece")),
+    ("refund_recoverable ROC-AUC", ("refund_recoverable", "roc_auc")),
+    ("route agreement", ("triage", "route_agreement")),
+    ("bot coverage", ("triage", "coverage")),
+    ("bot risk", ("triage", "risk")),
+    ("urgent escalation recall", ("triage", "urgent_recall")),
+    ("AURC (lower is better)", ("triage", "aurc")),
+)
 
 
 def extra_sets_markdown(sets: dict[str, Any], skipped: list[str]) -> list[str]:
@@ -176,28 +249,49 @@ def extra_sets_markdown(sets: dict[str, Any], skipped: list[str]) -> list[str]:
     for name, s in sets.items():
         scorers = {"model": s["model"], **s["baselines"]}
         lab = s["labelled"]
-        lines += [f"### {name}", "",
-                  f"`{s['file']}`: {s['rows']} rows; rows per head: intent {lab['intent']}, urgent {lab['urgent']}, "
-                  f"refund_recoverable {lab['refund_recoverable']}"
-                  + (f"; texts also in train: {s['texts_in_train']}" if "texts_in_train" in s else "")
-                  + ". Unknown urgent/refund labels count as 0 in bot risk; route agreement uses the "
-                  f"{s['model']['triage']['route_rows']} rows whose labels decide the gold route.", "",
-                  "| metric | " + " | ".join(scorers) + " |", "|---|" + "---|" * len(scorers)]
+        lines += [
+            f"### {name}",
+            "",
+            f"`{s['file']}`: {s['rows']} rows; rows per head: intent {lab['intent']}, urgent {lab['urgent']}, "
+            f"refund_recoverable {lab['refund_recoverable']}"
+            + (f"; texts also in train: {s['texts_in_train']}" if "texts_in_train" in s else "")
+            + ". Unknown urgent/refund labels count as 0 in bot risk; route agreement uses the "
+            f"{s['model']['triage']['route_rows']} rows whose labels decide the gold route.",
+            "",
+            "| metric | " + " | ".join(scorers) + " |",
+            "|---|" + "---|" * len(scorers),
+        ]
         for label, (head, key) in EXTRA_ROWS:
             values = [m.get(head, {}).get(key) for m in scorers.values()]
             if any(v is not None for v in values):
                 lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in values) + " |")
         for level in s["model"]["by_difficulty"]:
-            lines.append(f"| accuracy, difficulty {level} (n={s['model']['by_difficulty'][level]['n']}) | "
-                         + " | ".join(_fmt(m["by_difficulty"][level]["accuracy"]) for m in scorers.values()) + " |")
-        lines += ["", "| intent | support | " + " | ".join(f"recall {n}" for n in scorers) + " |",
-                  "|---|---|" + "---|" * len(scorers)]
+            lines.append(
+                f"| accuracy, difficulty {level} (n={s['model']['by_difficulty'][level]['n']}) | "
+                + " | ".join(_fmt(m["by_difficulty"][level]["accuracy"]) for m in scorers.values())
+                + " |"
+            )
+        lines += [
+            "",
+            "| intent | support | " + " | ".join(f"recall {n}" for n in scorers) + " |",
+            "|---|---|" + "---|" * len(scorers),
+        ]
         for intent, r in s["model"]["intent"]["per_intent_recall"].items():
-            lines.append(f"| {intent} | {r['support']} | "
-                         + " | ".join(_fmt(m["intent"]["per_intent_recall"][intent]["recall"]) for m in scorers.values())
-                         + " |")
-        lines += ["", "Top confusions (model, gold → predicted): " + ", ".join(
-            f"{c['gold']} → {c['pred']} {c['count']}" for c in s["model"]["intent"]["top_confusions"]), ""]
+            lines.append(
+                f"| {intent} | {r['support']} | "
+                + " | ".join(
+                    _fmt(m["intent"]["per_intent_recall"][intent]["recall"]) for m in scorers.values()
+                )
+                + " |"
+            )
+        lines += [
+            "",
+            "Top confusions (model, gold → predicted): "
+            + ", ".join(
+                f"{c['gold']} → {c['pred']} {c['count']}" for c in s["model"]["intent"]["top_confusions"]
+            ),
+            "",
+        ]
     return lines
 
 
@@ -262,12 +356,21 @@ def _md_to_html(md: str) -> str:
     return "\n".join(out)
 
 
-def write_report(out_dir: Path, metrics: dict[str, Any], results: list[dict[str, Any]], records, gold, taxonomy,
-                 extra: list[dict[str, Any]] | None = None) -> None:
+def write_report(
+    out_dir: Path,
+    metrics: dict[str, Any],
+    results: list[dict[str, Any]],
+    records,
+    gold,
+    taxonomy,
+    extra: list[dict[str, Any]] | None = None,
+) -> None:
     md = markdown(metrics, results, taxonomy)
     plots = {**make_plots(results, taxonomy), **extra_set_plots(extra or [])}
-    figures = "\n".join(f'<h2>{html.escape(k.replace("_", " "))}</h2><img alt="{k}" src="data:image/png;base64,{v}">'
-                        for k, v in plots.items())
+    figures = "\n".join(
+        f'<h2>{html.escape(k.replace("_", " "))}</h2><img alt="{k}" src="data:image/png;base64,{v}">'
+        for k, v in plots.items()
+    )
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>kefu-triage evaluation</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}

@@ -15,13 +15,20 @@ from kefu_triage.core.policy import Thresholds, TriagePolicy
 from kefu_triage.evaluate.metrics import Gold, triage_metrics
 
 
-def risk_coverage_curve(probs: dict[str, np.ndarray], gold: Gold, intent_routes: list[str], thresholds: Thresholds,
-                        points: int = 101) -> dict[str, Any]:
+def risk_coverage_curve(
+    probs: dict[str, np.ndarray],
+    gold: Gold,
+    intent_routes: list[str],
+    thresholds: Thresholds,
+    points: int = 101,
+) -> dict[str, Any]:
     """Coverage and risk as the confidence threshold sweeps 0..1 (other thresholds fixed); AURC and
     coverage at risk 2/5/10%."""
     curve = {"threshold": [], "coverage": [], "risk": []}
     for tau in np.linspace(0.0, 1.0, points):
-        d = TriagePolicy(intent_routes, Thresholds(**{**thresholds.to_dict(), "confidence": float(tau)})).decide_heads(probs)
+        d = TriagePolicy(
+            intent_routes, Thresholds(**{**thresholds.to_dict(), "confidence": float(tau)})
+        ).decide_heads(probs)
         m = triage_metrics(d.to_human, d.intent_id, gold)
         curve["threshold"].append(float(tau))
         curve["coverage"].append(m["coverage"])
@@ -32,13 +39,22 @@ def risk_coverage_curve(probs: dict[str, np.ndarray], gold: Gold, intent_routes:
     # area under the risk-coverage curve over the coverage range reached (trapezoid), normalised by it
     span = c_sorted[-1] - c_sorted[0]
     aurc = float(np.trapezoid(r_sorted, c_sorted) / span) if span > 0 else float(r_sorted.mean())
-    at = {f"coverage_at_risk_{int(x * 100)}": float(cov[risk <= x].max()) if (risk <= x).any() else 0.0
-          for x in (0.02, 0.05, 0.10)}
+    at = {
+        f"coverage_at_risk_{int(x * 100)}": float(cov[risk <= x].max()) if (risk <= x).any() else 0.0
+        for x in (0.02, 0.05, 0.10)
+    }
     return {"curve": curve, "aurc": aurc, **at}
 
 
-def tune_thresholds(probs: dict[str, np.ndarray], gold: Gold, intent_routes: list[str], operating_point: dict[str, float],
-                    margin: float = 0.0, grid: int = 21, novelty_grid: int = 11) -> dict[str, Any]:
+def tune_thresholds(
+    probs: dict[str, np.ndarray],
+    gold: Gold,
+    intent_routes: list[str],
+    operating_point: dict[str, float],
+    margin: float = 0.0,
+    grid: int = 21,
+    novelty_grid: int = 11,
+) -> dict[str, Any]:
     """Grid search on dev: maximise coverage s.t. risk <= max_bot_risk, urgent recall >= min_urgent_recall,
     recoverable capture >= min_recoverable_capture. Confidence, urgent and recoverable thresholds sweep
     ``grid`` quantiles each; when ``probs`` has ``"novelty"``, the novelty gate sweeps ``novelty_grid``
@@ -57,10 +73,13 @@ def tune_thresholds(probs: dict[str, np.ndarray], gold: Gold, intent_routes: lis
     novelty = probs.get("novelty")
     has_novelty = novelty is not None and np.isfinite(novelty).any()
     # novelty is a quantile of held-out in-domain messages: gating below its median would refuse ordinary text
-    nov_grid = np.unique(np.concatenate([[1.0], np.linspace(0.5, 1.0, novelty_grid)])) if has_novelty else np.ones(1)
+    nov_grid = (
+        np.unique(np.concatenate([[1.0], np.linspace(0.5, 1.0, novelty_grid)])) if has_novelty else np.ones(1)
+    )
     refund_rows = probs["refund_recoverable"][gold.refund >= 0]
     base = TriagePolicy(intent_routes, Thresholds(margin=margin)).rules(
-        probs["intent"], probs["urgent"], probs["refund_recoverable"], novelty)
+        probs["intent"], probs["urgent"], probs["refund_recoverable"], novelty
+    )
     conf_grid = candidates(base.top1)
     # For fixed urgent/recoverable thresholds a message goes to the bot iff no rule forces it to a human, it is
     # not unfamiliar and its top intent probability clears τ_conf. Sorted by top1 once, every τ_conf is a
@@ -78,30 +97,51 @@ def tune_thresholds(probs: dict[str, np.ndarray], gold: Gold, intent_routes: lis
 
     best, best_key = None, None
     for tu, tr in itertools.product(candidates(probs["urgent"]), candidates(refund_rows)):
-        policy = TriagePolicy(intent_routes, Thresholds(urgent=float(tu), recoverable=float(tr), confidence=0.0,
-                                                        margin=margin))
+        policy = TriagePolicy(
+            intent_routes, Thresholds(urgent=float(tu), recoverable=float(tr), confidence=0.0, margin=margin)
+        )
         rules = policy.rules(probs["intent"], probs["urgent"], probs["refund_recoverable"])
         bot = (~rules.forced_human & ~rules.unsure_margin)[order][None, :] & familiar
         n_bot = at_prefix(bot)
         coverage = n_bot / n
         risk = np.where(n_bot > 0, at_prefix(bot & error) / np.maximum(n_bot, 1), 0.0)
         urgent_recall = 1 - at_prefix(bot & urgent) / urgent.sum() if urgent.any() else np.ones_like(coverage)
-        capture = 1 - at_prefix(bot & recoverable) / recoverable.sum() if recoverable.any() else np.ones_like(coverage)
-        shortfall = (np.maximum(0, risk - max_risk) + np.maximum(0, min_urgent - urgent_recall)
-                     + np.maximum(0, min_capture - capture)).round(6)
+        capture = (
+            1 - at_prefix(bot & recoverable) / recoverable.sum()
+            if recoverable.any()
+            else np.ones_like(coverage)
+        )
+        shortfall = (
+            np.maximum(0, risk - max_risk)
+            + np.maximum(0, min_urgent - urgent_recall)
+            + np.maximum(0, min_capture - capture)
+        ).round(6)
         # smallest shortfall, then largest coverage, then the loosest novelty gate (largest τ_novelty)
         nov_rank = np.broadcast_to(-nov_grid[:, None], shortfall.shape)
         flat = int(np.lexsort((nov_rank.ravel(), -coverage.ravel(), shortfall.ravel()))[0])
         v, i = np.unravel_index(flat, shortfall.shape)
         key = (float(shortfall[v, i]), -float(coverage[v, i]))
         if best_key is None or key < best_key:
-            th = Thresholds(urgent=float(tu), recoverable=float(tr), confidence=float(conf_grid[i]), margin=margin,
-                            novelty=float(nov_grid[v]))
+            th = Thresholds(
+                urgent=float(tu),
+                recoverable=float(tr),
+                confidence=float(conf_grid[i]),
+                margin=margin,
+                novelty=float(nov_grid[v]),
+            )
             d = TriagePolicy(intent_routes, th).decide_heads(probs)
-            best_key, best = key, {"thresholds": th, "dev_metrics": triage_metrics(d.to_human, d.intent_id, gold),
-                                   "shortfall": {"risk": max(0.0, float(risk[v, i]) - max_risk),
-                                                 "urgent_recall": max(0.0, min_urgent - float(urgent_recall[v, i])),
-                                                 "recoverable_capture": max(0.0, min_capture - float(capture[v, i]))}}
+            best_key, best = (
+                key,
+                {
+                    "thresholds": th,
+                    "dev_metrics": triage_metrics(d.to_human, d.intent_id, gold),
+                    "shortfall": {
+                        "risk": max(0.0, float(risk[v, i]) - max_risk),
+                        "urgent_recall": max(0.0, min_urgent - float(urgent_recall[v, i])),
+                        "recoverable_capture": max(0.0, min_capture - float(capture[v, i])),
+                    },
+                },
+            )
     assert best is not None
     best["constraints_met"] = best_key[0] == 0
     return best
@@ -123,7 +163,9 @@ def trust_scores(top1: np.ndarray, novelty: np.ndarray | None) -> dict[str, np.n
     return out
 
 
-def selective_curve(trust: np.ndarray, error: np.ndarray, eligible: np.ndarray, points: int = 101) -> dict[str, Any]:
+def selective_curve(
+    trust: np.ndarray, error: np.ndarray, eligible: np.ndarray, points: int = 101
+) -> dict[str, Any]:
     """Risk-coverage of "the bot takes the eligible messages with trust >= τ" as τ falls: the curve (at
     ``points`` coverage steps), AURC (mean selective risk over every cutoff, Geifman & El-Yaniv) and coverage
     at risk 2/5/10%. Coverage is over all messages, risk over those the bot takes."""
@@ -132,22 +174,33 @@ def selective_curve(trust: np.ndarray, error: np.ndarray, eligible: np.ndarray, 
     k = np.arange(1, len(order) + 1)
     risk = np.cumsum(error[order]) / k if len(order) else np.zeros(0)
     coverage = k / max(len(trust), 1)
-    pick = np.unique(np.linspace(0, len(order) - 1, points).round().astype(int)) if len(order) else np.zeros(0, int)
-    at = {f"coverage_at_risk_{int(x * 100)}": float(coverage[risk <= x].max()) if (risk <= x).any() else 0.0
-          for x in (0.02, 0.05, 0.10)}
-    return {"aurc": float(risk.mean()) if len(risk) else float("nan"), **at,
-            "curve": {"coverage": coverage[pick].tolist(), "risk": risk[pick].tolist()}}
+    pick = (
+        np.unique(np.linspace(0, len(order) - 1, points).round().astype(int))
+        if len(order)
+        else np.zeros(0, int)
+    )
+    at = {
+        f"coverage_at_risk_{int(x * 100)}": float(coverage[risk <= x].max()) if (risk <= x).any() else 0.0
+        for x in (0.02, 0.05, 0.10)
+    }
+    return {
+        "aurc": float(risk.mean()) if len(risk) else float("nan"),
+        **at,
+        "curve": {"coverage": coverage[pick].tolist(), "risk": risk[pick].tolist()},
+    }
 
 
-def safety_metrics(probs: dict[str, np.ndarray], gold: Gold, intent_routes: list[str], thresholds: Thresholds
-                   ) -> dict[str, Any]:
+def safety_metrics(
+    probs: dict[str, np.ndarray], gold: Gold, intent_routes: list[str], thresholds: Thresholds
+) -> dict[str, Any]:
     """For each trust score (confidence, novelty, combined): AUROC for "the intent is wrong" (all messages)
     and the risk-coverage curve of the bot's share (messages no other rule sends to a person); plus urgent
     escalation at ``thresholds``: precision and recall of "urgent -> human", and the traffic share it costs."""
     from sklearn.metrics import roc_auc_score
 
-    r = TriagePolicy(intent_routes, thresholds).rules(probs["intent"], probs["urgent"], probs["refund_recoverable"],
-                                                      probs.get("novelty"))
+    r = TriagePolicy(intent_routes, thresholds).rules(
+        probs["intent"], probs["urgent"], probs["refund_recoverable"], probs.get("novelty")
+    )
     wrong = r.intent_id != gold.intent
     error = gold.should_reach_human | wrong
     eligible = ~r.forced_human & ~r.unsure_margin

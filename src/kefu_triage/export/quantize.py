@@ -34,20 +34,29 @@ def _smoothable_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     inits = {i.name: i for i in model.graph.initializer}
     uses = Counter(name for n in model.graph.node for name in n.input)
     # a weight shared by two nodes (tied embeddings) cannot take two different row scales
-    return [n for n in model.graph.node if n.op_type in SMOOTHABLE_OPS and len(n.input) > 1
-            and n.input[1] in inits and len(inits[n.input[1]].dims) == 2 and uses[n.input[1]] == 1]
+    return [
+        n
+        for n in model.graph.node
+        if n.op_type in SMOOTHABLE_OPS
+        and len(n.input) > 1
+        and n.input[1] in inits
+        and len(inits[n.input[1]].dims) == 2
+        and uses[n.input[1]] == 1
+    ]
 
 
-def activation_channel_max(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]],
-                           names: Sequence[str]) -> dict[str, np.ndarray]:
+def activation_channel_max(
+    model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]], names: Sequence[str]
+) -> dict[str, np.ndarray]:
     """Per-channel max |x| (last axis) of the named intermediate tensors over all calibration batches."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                              for n in names if n not in known)
+    probe.graph.output.extend(
+        helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names if n not in known
+    )
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     maxima: dict[str, np.ndarray] = {}
     batches = 0
@@ -61,8 +70,9 @@ def activation_channel_max(model: onnx.ModelProto, feeds: Iterable[dict[str, np.
     return maxima
 
 
-def smooth_activations(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]], alpha: float,
-                       exclude: Sequence[str] = ()) -> tuple[onnx.ModelProto, int]:
+def smooth_activations(
+    model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]], alpha: float, exclude: Sequence[str] = ()
+) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` with smoothing in front of every MatMul/Attention that has a constant weight.
 
     The returned graph computes the same function in fp32 (up to rounding); only its int8 quantisation
@@ -88,11 +98,13 @@ def smooth_activations(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndar
             if a.shape != w.shape:  # not a [.., in] x [in, out] product after all: leave it alone
                 nodes.append(node)
                 continue
-            scale = (a ** alpha / w ** (1.0 - alpha)).astype(np.float32)
+            scale = (a**alpha / w ** (1.0 - alpha)).astype(np.float32)
             inits[node.input[1]].CopyFrom(numpy_helper.from_array(weight * scale[:, None], node.input[1]))
             inverse, smoothed = f"{node.name}/smooth_inv_scale", f"{node.name}/smoothed_input"
             out.graph.initializer.append(numpy_helper.from_array((1.0 / scale).astype(np.float32), inverse))
-            nodes.append(helper.make_node("Mul", [node.input[0], inverse], [smoothed], name=f"{node.name}/smooth"))
+            nodes.append(
+                helper.make_node("Mul", [node.input[0], inverse], [smoothed], name=f"{node.name}/smooth")
+            )
             node.input[0] = smoothed
             smoothed_count += 1
         nodes.append(node)
@@ -108,13 +120,22 @@ def match_nodes(model: onnx.ModelProto, patterns: Sequence[str]) -> list[str]:
     for pattern in patterns:
         hits = [n for n in names if pattern in n]
         if not hits:
-            log.warning("quantization.keep_fp32: %r matches no node of this graph; nothing kept in fp32 for it", pattern)
+            log.warning(
+                "quantization.keep_fp32: %r matches no node of this graph; nothing kept in fp32 for it",
+                pattern,
+            )
         matched += hits
     return sorted(set(matched))
 
 
-def prepare_int8(fp32_path: Path, prepared_path: Path, calibration_feeds: Iterable[dict[str, np.ndarray]] | None,
-                 *, smooth_alpha: float | None = 0.8, keep_fp32: Sequence[str] = ()) -> dict[str, Any]:
+def prepare_int8(
+    fp32_path: Path,
+    prepared_path: Path,
+    calibration_feeds: Iterable[dict[str, np.ndarray]] | None,
+    *,
+    smooth_alpha: float | None = 0.8,
+    keep_fp32: Sequence[str] = (),
+) -> dict[str, Any]:
     """The part of quantisation that does not depend on the op types: smoothing and the nodes kept in fp32.
     Writes the graph to quantise to ``prepared_path`` and returns its summary for ``quantize_prepared``."""
     model = onnx.load(str(fp32_path))
@@ -128,26 +149,52 @@ def prepare_int8(fp32_path: Path, prepared_path: Path, calibration_feeds: Iterab
     return {"smooth_alpha": smooth_alpha, "smoothed_nodes": smoothed, "fp32_nodes": excluded}
 
 
-def quantize_prepared(prepared_path: Path, int8_path: Path, prepared: dict[str, Any], *, per_channel: bool = True,
-                      op_types: Sequence[str] | None = None) -> dict[str, Any]:
+def quantize_prepared(
+    prepared_path: Path,
+    int8_path: Path,
+    prepared: dict[str, Any],
+    *,
+    per_channel: bool = True,
+    op_types: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """Dynamic int8 of a graph from ``prepare_int8``. Returns a summary for the artifact manifest."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(prepared_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=per_channel,
-                     op_types_to_quantize=list(op_types) if op_types else None,
-                     nodes_to_exclude=prepared["fp32_nodes"], extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    return {"method": "onnxruntime dynamic int8 (QInt8 weights, per-tensor dynamic activations)",
-            "per_channel": per_channel, **prepared, "op_types": list(op_types) if op_types else "all supported"}
+    quantize_dynamic(
+        str(prepared_path),
+        str(int8_path),
+        weight_type=QuantType.QInt8,
+        per_channel=per_channel,
+        op_types_to_quantize=list(op_types) if op_types else None,
+        nodes_to_exclude=prepared["fp32_nodes"],
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    return {
+        "method": "onnxruntime dynamic int8 (QInt8 weights, per-tensor dynamic activations)",
+        "per_channel": per_channel,
+        **prepared,
+        "op_types": list(op_types) if op_types else "all supported",
+    }
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration_feeds: Iterable[dict[str, np.ndarray]] | None,
-                  *, per_channel: bool = True, smooth_alpha: float | None = 0.8, keep_fp32: Sequence[str] = (),
-                  op_types: Sequence[str] | None = None) -> dict[str, Any]:
+def quantize_int8(
+    fp32_path: Path,
+    int8_path: Path,
+    calibration_feeds: Iterable[dict[str, np.ndarray]] | None,
+    *,
+    per_channel: bool = True,
+    smooth_alpha: float | None = 0.8,
+    keep_fp32: Sequence[str] = (),
+    op_types: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """fp32 ONNX -> dynamic int8 ONNX in one call (``prepare_int8`` then ``quantize_prepared``)."""
     prepared_path = int8_path.with_name(int8_path.name + ".smoothed.onnx")
     try:
-        prepared = prepare_int8(fp32_path, prepared_path, calibration_feeds, smooth_alpha=smooth_alpha,
-                                keep_fp32=keep_fp32)
-        return quantize_prepared(prepared_path, int8_path, prepared, per_channel=per_channel, op_types=op_types)
+        prepared = prepare_int8(
+            fp32_path, prepared_path, calibration_feeds, smooth_alpha=smooth_alpha, keep_fp32=keep_fp32
+        )
+        return quantize_prepared(
+            prepared_path, int8_path, prepared, per_channel=per_channel, op_types=op_types
+        )
     finally:
         prepared_path.unlink(missing_ok=True)

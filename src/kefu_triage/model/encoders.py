@@ -395,7 +395,9 @@ def model_config_path(name: str) -> Path:
         if path.is_file():
             return path
     known = sorted(p.stem for p in packaged_config("model", name).parent.glob("*.yaml"))
-    raise EncoderError(f"unknown encoder {name!r}: no packaged model config {name}.yaml (known: {', '.join(known)})")
+    raise EncoderError(
+        f"unknown encoder {name!r}: no packaged model config {name}.yaml (known: {', '.join(known)})"
+    )
 
 
 def run_build_encoder(args) -> int:

@@ -76,10 +76,21 @@ class KefuTriageConfig(PretrainedConfig):
         from kefu_triage.core.taxonomy import Taxonomy
 
         stored = Taxonomy.from_dict(self.taxonomy, source="config.json") if self.taxonomy else None
-        info = {i.name: {"zh": i.zh, "examples": list(i.examples)} for i in (stored.intents if stored else ())}
-        intents = {n: {"route": r, **info.get(n, {})} for n, r in zip(self.intent_labels, self.intent_routes, strict=True)}
-        return Taxonomy.from_dict({"version": stored.version if stored else 1, "intents": intents,
-                                   "heads": stored.heads if stored else {}}, source="config.json")
+        info = {
+            i.name: {"zh": i.zh, "examples": list(i.examples)} for i in (stored.intents if stored else ())
+        }
+        intents = {
+            n: {"route": r, **info.get(n, {})}
+            for n, r in zip(self.intent_labels, self.intent_routes, strict=True)
+        }
+        return Taxonomy.from_dict(
+            {
+                "version": stored.version if stored else 1,
+                "intents": intents,
+                "heads": stored.heads if stored else {},
+            },
+            source="config.json",
+        )
 
     def encoder_config(self) -> PretrainedConfig:
         enc = dict(self.encoder)
@@ -137,8 +148,11 @@ class KefuTriageModel(PreTrainedModel):
     @classmethod
     def from_encoder(cls, encoder: PreTrainedModel, config: KefuTriageConfig) -> KefuTriageModel:
         """A fresh model around a pretrained encoder (the heads start random)."""
-        config.encoder = {k: v for k, v in encoder.config.to_dict().items()
-                          if k not in ("architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype")}
+        config.encoder = {
+            k: v
+            for k, v in encoder.config.to_dict().items()
+            if k not in ("architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype")
+        }
         model = cls(config)
         missing, unexpected = model.encoder.load_state_dict(encoder.state_dict(), strict=False)
         if [k for k in missing if not k.startswith("pooler")]:
@@ -170,24 +184,41 @@ class KefuTriageModel(PreTrainedModel):
         refund_logit = self.refund_head(pooled).squeeze(-1)
         loss = None
         if intent_labels is not None:
-            loss = self.compute_loss(intent_logits, urgent_logit, refund_logit, intent_labels, urgent_labels, refund_labels)
-        return TriageOutput(loss=loss, intent_logits=intent_logits, urgent_logit=urgent_logit,
-                            refund_recoverable_logit=refund_logit, pooled=state)
+            loss = self.compute_loss(
+                intent_logits, urgent_logit, refund_logit, intent_labels, urgent_labels, refund_labels
+            )
+        return TriageOutput(
+            loss=loss,
+            intent_logits=intent_logits,
+            urgent_logit=urgent_logit,
+            refund_recoverable_logit=refund_logit,
+            pooled=state,
+        )
 
-    def compute_loss(self, intent_logits, urgent_logit, refund_logit, intent_labels, urgent_labels, refund_labels):
+    def compute_loss(
+        self, intent_logits, urgent_logit, refund_logit, intent_labels, urgent_labels, refund_labels
+    ):
         cfg, w = self.config, self.config.loss_weights
-        ce = F.cross_entropy(intent_logits, intent_labels, weight=self.intent_class_weights.to(intent_logits.dtype),
-                             reduction="none", label_smoothing=cfg.label_smoothing)
+        ce = F.cross_entropy(
+            intent_logits,
+            intent_labels,
+            weight=self.intent_class_weights.to(intent_logits.dtype),
+            reduction="none",
+            label_smoothing=cfg.label_smoothing,
+        )
         if cfg.focal_gamma > 0:  # focal loss: down-weight examples the model already gets right
             pt = torch.softmax(intent_logits, -1).gather(1, intent_labels[:, None]).squeeze(1).detach()
             ce = ce * (1 - pt) ** cfg.focal_gamma
         weights = self.intent_class_weights.to(intent_logits.dtype)[intent_labels]
         loss = w.get("intent", 1.0) * ce.sum() / weights.sum()
         if urgent_labels is not None:
-            loss = loss + w.get("urgent", 1.0) * _masked_bce(urgent_logit, urgent_labels, cfg.urgent_pos_weight)
+            loss = loss + w.get("urgent", 1.0) * _masked_bce(
+                urgent_logit, urgent_labels, cfg.urgent_pos_weight
+            )
         if refund_labels is not None:
-            loss = loss + w.get("refund_recoverable", 1.0) * _masked_bce(refund_logit, refund_labels,
-                                                                          cfg.refund_pos_weight)
+            loss = loss + w.get("refund_recoverable", 1.0) * _masked_bce(
+                refund_logit, refund_labels, cfg.refund_pos_weight
+            )
         return loss
 
 
@@ -196,8 +227,9 @@ def _masked_bce(logit: torch.Tensor, labels: torch.Tensor, pos_weight: float) ->
     mask = labels >= 0
     if not mask.any():  # keep the head in the graph (DDP expects every parameter to get a gradient)
         return logit.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(logit[mask], labels[mask].to(logit.dtype),
-                                              pos_weight=logit.new_tensor(pos_weight))
+    return F.binary_cross_entropy_with_logits(
+        logit[mask], labels[mask].to(logit.dtype), pos_weight=logit.new_tensor(pos_weight)
+    )
 
 
 AutoConfig.register(KefuTriageConfig.model_type, KefuTriageConfig, exist_ok=True)
@@ -215,7 +247,9 @@ def load_model(model_dir: str | Path):
     """``(model in eval mode, tokenizer)`` from a directory written by training."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise ModelDirError(f"{model_dir}: not a model directory (no config.json); train one with `make train`")
+        raise ModelDirError(
+            f"{model_dir}: not a model directory (no config.json); train one with `make train`"
+        )
     model = KefuTriageModel.from_pretrained(model_dir)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -233,26 +267,43 @@ def input_tokenizer(tokenizer, max_length: int):
         cached = {}
         tokenizer._kefu_input_tokenizers = cached
     if key not in cached:
-        cached[key] = configure_tokenizer(Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()), max_length)
+        cached[key] = configure_tokenizer(
+            Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()), max_length
+        )
     return cached[key]
 
 
-def encode(tokenizer, texts: Sequence[Any], contexts: Sequence[Any] | None, context_turns: int, max_length: int,
-           padding: bool = False, return_tensors: str | None = None) -> dict[str, Any]:
+def encode(
+    tokenizer,
+    texts: Sequence[Any],
+    contexts: Sequence[Any] | None,
+    context_turns: int,
+    max_length: int,
+    padding: bool = False,
+    return_tensors: str | None = None,
+) -> dict[str, Any]:
     """Token ids of messages (+ previous turns) built exactly as the runtime builds them (core.inputs)."""
     names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tokenizer.model_input_names]
     encodings = encode_inputs(input_tokenizer(tokenizer, max_length), texts, contexts, context_turns)
     if padding:
         feed = pad_encodings(encodings, tokenizer.pad_token_id, names)
         return {k: torch.from_numpy(v) for k, v in feed.items()} if return_tensors == "pt" else feed
-    rows = {"input_ids": [e.ids for e in encodings], "attention_mask": [e.attention_mask for e in encodings],
-            "token_type_ids": [e.type_ids for e in encodings]}
+    rows = {
+        "input_ids": [e.ids for e in encodings],
+        "attention_mask": [e.attention_mask for e in encodings],
+        "token_type_ids": [e.type_ids for e in encodings],
+    }
     return {k: rows[k] for k in names}
 
 
 @torch.no_grad()
-def predict_logits(model: KefuTriageModel, tokenizer, records: Sequence[dict[str, Any]], batch_size: int = 64,
-                   pooled: bool = False) -> dict[str, np.ndarray]:
+def predict_logits(
+    model: KefuTriageModel,
+    tokenizer,
+    records: Sequence[dict[str, Any]],
+    batch_size: int = 64,
+    pooled: bool = False,
+) -> dict[str, np.ndarray]:
     """Raw logits of the three heads for records with ``text`` (and optional ``context``); with ``pooled``
     also the pooled encoder state under POOLED_OUTPUT ([N, hidden], for novelty)."""
     model.eval()
@@ -262,9 +313,16 @@ def predict_logits(model: KefuTriageModel, tokenizer, records: Sequence[dict[str
     outs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = encode(tokenizer, [records[i]["text"] for i in idx], [records[i].get("context") for i in idx],
-                       cfg.context_turns, cfg.max_seq_length, padding=True, return_tensors="pt")
+        idx = order[start : start + batch_size]
+        batch = encode(
+            tokenizer,
+            [records[i]["text"] for i in idx],
+            [records[i].get("context") for i in idx],
+            cfg.context_turns,
+            cfg.max_seq_length,
+            padding=True,
+            return_tensors="pt",
+        )
         out = model(**{k: v.to(device) for k, v in batch.items()})
         for k in keys:
             outs[k].append(getattr(out, k).float().cpu().numpy())

@@ -26,8 +26,15 @@ from kefu_triage.core.taxonomy import Taxonomy
 class TriageModel:
     """A loaded artifact. ``predict`` and ``score`` are safe to call from several threads at once."""
 
-    def __init__(self, artifact_dir: Path, manifest: dict[str, Any], session, tokenizer, batch_size: int = 32):
-        self.artifact_dir, self.manifest, self.session, self.tokenizer = artifact_dir, manifest, session, tokenizer
+    def __init__(
+        self, artifact_dir: Path, manifest: dict[str, Any], session, tokenizer, batch_size: int = 32
+    ):
+        self.artifact_dir, self.manifest, self.session, self.tokenizer = (
+            artifact_dir,
+            manifest,
+            session,
+            tokenizer,
+        )
         self.batch_size = batch_size
         self.taxonomy = Taxonomy.from_dict(manifest["taxonomy"], source=str(artifact_dir / MANIFEST))
         self.intent_names = self.taxonomy.intent_names
@@ -36,7 +43,9 @@ class TriageModel:
         self.pad_id = int(manifest["input"]["pad_token_id"])
         self.input_names = list(manifest["input"]["names"])
         self.temperatures = {k: float(v) for k, v in manifest["calibration"]["temperatures"].items()}
-        self.thresholds = Thresholds.from_mapping(manifest["policy"]["thresholds"], source=f"{MANIFEST}: policy.thresholds")
+        self.thresholds = Thresholds.from_mapping(
+            manifest["policy"]["thresholds"], source=f"{MANIFEST}: policy.thresholds"
+        )
         self.policy = TriagePolicy(self.taxonomy.routes, self.thresholds)
         self._refund = np.array([r == "refund_triage" for r in self.taxonomy.routes])
         # novelty: the graph's pooled state + the artifact's statistics (both absent in older artifacts)
@@ -51,9 +60,17 @@ class TriageModel:
                 raise ArtifactError(f"{artifact_dir / MANIFEST}: novelty: {exc}") from None
 
     @classmethod
-    def load(cls, path: str | Path, precision: str = "int8", threads: int | None = None, batch_size: int = 32,
-             expected_intents: Sequence[str] | None = None, verify_hashes: bool = True,
-             batch_independent: bool | None = None) -> TriageModel:
+    def load(
+        cls,
+        path: str | Path,
+        precision: str = "int8",
+        threads: int | None = None,
+        batch_size: int = 32,
+        expected_intents: Sequence[str] | None = None,
+        verify_hashes: bool = True,
+        batch_independent: bool | None = None,
+        allow_spinning: bool = True,
+    ) -> TriageModel:
         """``batch_independent`` (default: True for int8): score one message per onnxruntime call. Dynamic int8
         picks its activation scales per call, so in a batch a message's scores would move with its batch
         mates; alone they are exact and repeatable. For the 4-layer student this costs no measurable
@@ -67,17 +84,27 @@ class TriageModel:
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
         artifact_dir = Path(path)
         manifest = read_manifest(artifact_dir, verify_hashes)
-        if expected_intents is not None and list(expected_intents) != [i["name"] for i in manifest["taxonomy"]["intents"]]:
-            raise ArtifactError(f"{artifact_dir / MANIFEST}: the artifact's taxonomy intents differ from the expected ones")
+        if expected_intents is not None and list(expected_intents) != [
+            i["name"] for i in manifest["taxonomy"]["intents"]
+        ]:
+            raise ArtifactError(
+                f"{artifact_dir / MANIFEST}: the artifact's taxonomy intents differ from the expected ones"
+            )
         opts = ort.SessionOptions()
+        if not allow_spinning:  # a server's event loop needs the cores that idle worker threads would spin on
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         try:
-            session = ort.InferenceSession(str(artifact_dir / MODEL_FILES[precision]), opts, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(
+                str(artifact_dir / MODEL_FILES[precision]), opts, providers=["CPUExecutionProvider"]
+            )
             tokenizer = Tokenizer.from_file(str(artifact_dir / "tokenizer.json"))
         except Exception as exc:  # onnxruntime / tokenizers raise their own types for a damaged file
-            raise ArtifactError(f"{artifact_dir}: cannot load the {precision} model or tokenizer: {exc}") from None
+            raise ArtifactError(
+                f"{artifact_dir}: cannot load the {precision} model or tokenizer: {exc}"
+            ) from None
         configure_tokenizer(tokenizer, int(manifest["input"]["max_length"]))
         if batch_independent is None:
             batch_independent = precision == "int8"
@@ -90,7 +117,9 @@ class TriageModel:
         if not isinstance(texts, (list, tuple)):
             raise ValueError(f"texts must be a list of strings, got {type(texts).__name__}")
         if contexts is not None and (not isinstance(contexts, (list, tuple)) or len(contexts) != len(texts)):
-            raise ValueError("contexts must be None or a list with one entry (a list of turns, or None) per text")
+            raise ValueError(
+                "contexts must be None or a list with one entry (a list of turns, or None) per text"
+            )
         try:
             return encode_inputs(self.tokenizer, texts, contexts, self.context_turns)
         except InputError as exc:
@@ -117,11 +146,15 @@ class TriageModel:
         order (batched by similar length to limit padding)."""
         encodings = self._encode(texts, contexts)
         if not encodings:
-            empty = {"intent_logits": np.zeros((0, len(self.intent_names)), np.float32),
-                     "urgent_logit": np.zeros(0, np.float32), "refund_recoverable_logit": np.zeros(0, np.float32)}
+            empty = {
+                "intent_logits": np.zeros((0, len(self.intent_names)), np.float32),
+                "urgent_logit": np.zeros(0, np.float32),
+                "refund_recoverable_logit": np.zeros(0, np.float32),
+            }
             if POOLED_OUTPUT in self.output_names:
-                empty[POOLED_OUTPUT] = np.zeros((0, int(self.manifest.get("encoder", {}).get("hidden_size", 0))),
-                                                np.float32)
+                empty[POOLED_OUTPUT] = np.zeros(
+                    (0, int(self.manifest.get("encoder", {}).get("hidden_size", 0))), np.float32
+                )
             return empty
         order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
         lengths = [len(encodings[i].ids) for i in order]
@@ -147,15 +180,22 @@ class TriageModel:
         for i in range(len(d.route)):
             top = np.argsort(-p["intent"][i])[:3]
             k = int(d.intent_id[i])
-            results.append({
-                "intent": self.intent_names[k],
-                "intent_prob": round(float(p["intent"][i, k]), 6),
-                "margin": round(float(d.margin[i]), 6),
-                "top_intents": [{"intent": self.intent_names[j], "prob": round(float(p["intent"][i, j]), 6)} for j in top],
-                "urgent_prob": round(float(p["urgent"][i]), 6),
-                "refund_recoverable_prob": round(float(p["refund_recoverable"][i]), 6) if self._refund[k] else None,
-                "novelty": round(float(novelty[i]), 6) if novelty is not None else None,
-                "route": str(d.route[i]),
-                "reason": str(d.reason[i]),
-            })
+            results.append(
+                {
+                    "intent": self.intent_names[k],
+                    "intent_prob": round(float(p["intent"][i, k]), 6),
+                    "margin": round(float(d.margin[i]), 6),
+                    "top_intents": [
+                        {"intent": self.intent_names[j], "prob": round(float(p["intent"][i, j]), 6)}
+                        for j in top
+                    ],
+                    "urgent_prob": round(float(p["urgent"][i]), 6),
+                    "refund_recoverable_prob": round(float(p["refund_recoverable"][i]), 6)
+                    if self._refund[k]
+                    else None,
+                    "novelty": round(float(novelty[i]), 6) if novelty is not None else None,
+                    "route": str(d.route[i]),
+                    "reason": str(d.reason[i]),
+                }
+            )
         return results

@@ -544,6 +544,7 @@ def run_serve(args: Any) -> int:
         precision=settings.precision,
         threads=settings.threads,
         batch_size=settings.max_batch,
+        allow_spinning=False,
     )
     app = create_app(model, settings)
     log.info("settings: %s", asdict(settings))

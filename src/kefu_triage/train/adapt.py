@@ -23,7 +23,8 @@ Masking (Chinese-aware whole-word masking, kept simple):
 
 The model is transformers' ``BertForMaskedLM`` around the encoder's weights; its prediction head is tied to
 the word embeddings (its transform starts from BERT's initialisation: the e5 encoder ships without one).
-The loss is computed on the masked positions only (the vocabulary is ~22k pieces: logits for every position would cost ~300 MB per batch).
+The loss is computed on the masked positions only (the vocabulary is ~22k pieces: logits for every
+position would cost ~300 MB per batch).
 
 The adapted encoder is cached under ``${paths.cache_dir}/adapted/<model>-<key>``, the key hashing the base
 encoder's weights and tokenizer, the prepared turns and the settings; a manifest with the sha256 of every

@@ -50,7 +50,9 @@ class TrainingInterrupted(RuntimeError):
 # ---------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------
-def tokenize_split(records: list[dict[str, Any]], taxonomy: Taxonomy, tokenizer, context_turns: int, max_length: int):
+def tokenize_split(
+    records: list[dict[str, Any]], taxonomy: Taxonomy, tokenizer, context_turns: int, max_length: int
+):
     """A ``datasets.Dataset`` of token ids + labels (unpadded; the collator pads per batch)."""
     ds = to_dataset(records, taxonomy)
 
@@ -60,9 +62,22 @@ def tokenize_split(records: list[dict[str, Any]], taxonomy: Taxonomy, tokenizer,
         return enc
 
     ds = ds.map(tokenize, batched=True, batch_size=512, desc="tokenize", load_from_cache_file=False)
-    ds = ds.rename_columns({"intent_id": "intent_labels", "urgent": "urgent_labels", "refund_recoverable": "refund_labels"})
-    keep = [c for c in ("input_ids", "attention_mask", "token_type_ids", "intent_labels", "urgent_labels",
-                        "refund_labels", "length") if c in ds.column_names]
+    ds = ds.rename_columns(
+        {"intent_id": "intent_labels", "urgent": "urgent_labels", "refund_recoverable": "refund_labels"}
+    )
+    keep = [
+        c
+        for c in (
+            "input_ids",
+            "attention_mask",
+            "token_type_ids",
+            "intent_labels",
+            "urgent_labels",
+            "refund_labels",
+            "length",
+        )
+        if c in ds.column_names
+    ]
     return ds.select_columns(keep)
 
 
@@ -88,8 +103,8 @@ class LengthGroupedSampler(Sampler[list[int]]):
         mega = self.batch_size * self.mult
         out: list[list[int]] = []
         for s in range(0, len(idx), mega):
-            chunk = sorted(idx[s:s + mega], key=lambda i: self.lengths[i], reverse=True)
-            out.extend(chunk[b:b + self.batch_size] for b in range(0, len(chunk), self.batch_size))
+            chunk = sorted(idx[s : s + mega], key=lambda i: self.lengths[i], reverse=True)
+            out.extend(chunk[b : b + self.batch_size] for b in range(0, len(chunk), self.batch_size))
         rng.shuffle(out)
         return out
 
@@ -102,8 +117,13 @@ class LengthGroupedSampler(Sampler[list[int]]):
 
 def make_collator(tokenizer):
     def collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        labels = {k: torch.tensor([f[k] for f in features]) for k in ("intent_labels", "urgent_labels", "refund_labels")}
-        inputs = [{k: f[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in f} for f in features]
+        labels = {
+            k: torch.tensor([f[k] for f in features])
+            for k in ("intent_labels", "urgent_labels", "refund_labels")
+        }
+        inputs = [
+            {k: f[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in f} for f in features
+        ]
         batch = tokenizer.pad(inputs, return_tensors="pt")
         return {**dict(batch), **labels}
 
@@ -123,7 +143,9 @@ def class_weights(records: list[dict[str, Any]], taxonomy: Taxonomy, power: floa
     return (raw / raw.mean()).round(4).tolist()
 
 
-def build_model(cfg: DictConfig, taxonomy: Taxonomy, train_records: list[dict[str, Any]], encoder_and_tokenizer=None):
+def build_model(
+    cfg: DictConfig, taxonomy: Taxonomy, train_records: list[dict[str, Any]], encoder_and_tokenizer=None
+):
     encoder, tokenizer = encoder_and_tokenizer or load_encoder(cfg.model, cache_dir=cfg.paths.cache_dir)
     urgent = [r["urgent"] for r in train_records if r.get("urgent") is not None]  # unknown labels are masked
     urgent_rate = max(float(np.mean(urgent)) if urgent else 0.5, 1e-3)
@@ -198,7 +220,9 @@ def find_resume_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
         ckpt = Path(cfg.trainer.resume_dir)
         ckpt = ckpt / CHECKPOINT_DIR if (ckpt / CHECKPOINT_DIR).is_dir() else ckpt
         if not (ckpt / STATE_FILE).is_file():
-            raise FileNotFoundError(f"trainer.resume_dir={cfg.trainer.resume_dir}: no resumable checkpoint there")
+            raise FileNotFoundError(
+                f"trainer.resume_dir={cfg.trainer.resume_dir}: no resumable checkpoint there"
+            )
         return ckpt
     runs = sorted(run_dir.parent.glob(f"*/{CHECKPOINT_DIR}/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
     runs = [p for p in runs if p.parent.parent != run_dir] + [p for p in runs if p.parent.parent == run_dir]
@@ -213,9 +237,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if (cfg.get("adapt") or {}).get("self_training", {}).get("rounds", 0):
-        from kefu_triage.train.self_training import (
-            self_train,  # rounds of train() on labelled + pseudo-labelled
-        )
+        # rounds of train() on labelled + pseudo-labelled turns (docs/adaptation.md)
+        from kefu_triage.train.self_training import self_train
 
         return self_train(cfg, run_dir)
     t = cfg.trainer
@@ -227,7 +250,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     train_records, dev_records = splits["train"], splits["dev"]
 
     accelerator = Accelerator(
-        cpu=t.device == "cpu", mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum_steps
+        cpu=t.device == "cpu",
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.grad_accum_steps,
     )
     is_main = accelerator.is_main_process
     adapted = None
@@ -236,27 +261,49 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
         adapted = adapt_encoder(cfg, [r for s in ("dev", "test", "eval") for r in splits.get(s, [])])[:2]
     model, tokenizer = build_model(cfg, taxonomy, train_records, adapted)
-    train_ds = tokenize_split(train_records, taxonomy, tokenizer, cfg.data.context_turns, cfg.model.max_length)
+    train_ds = tokenize_split(
+        train_records, taxonomy, tokenizer, cfg.data.context_turns, cfg.model.max_length
+    )
     sampler = LengthGroupedSampler(train_ds["length"], cfg.model.batch_size, t.seed)
-    loader = DataLoader(train_ds.remove_columns("length"), batch_sampler=sampler, collate_fn=make_collator(tokenizer),
-                        num_workers=0)
+    loader = DataLoader(
+        train_ds.remove_columns("length"),
+        batch_sampler=sampler,
+        collate_fn=make_collator(tokenizer),
+        num_workers=0,
+    )
     no_decay = ("bias", "LayerNorm.weight", "layer_norm", "ln")
     params = [
-        {"params": [p for n, p in model.named_parameters() if not any(x in n for x in no_decay)],
-         "weight_decay": cfg.model.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if any(x in n for x in no_decay)], "weight_decay": 0.0},
+        {
+            "params": [p for n, p in model.named_parameters() if not any(x in n for x in no_decay)],
+            "weight_decay": cfg.model.weight_decay,
+        },
+        {
+            "params": [p for n, p in model.named_parameters() if any(x in n for x in no_decay)],
+            "weight_decay": 0.0,
+        },
     ]
     optimizer = torch.optim.AdamW(params, lr=cfg.model.lr)
     # accelerate's prepared scheduler advances num_processes times per optimizer step (each process sees
     # 1/num_processes of the batches), so the schedule is laid out in single-process steps
     total_steps = max(math.ceil(len(sampler) / t.grad_accum_steps) * t.max_epochs, 1)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.model.warmup_ratio * total_steps), total_steps)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(cfg.model.warmup_ratio * total_steps), total_steps
+    )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     # accelerate saves and restores these with the checkpoint (model, optimizer, scheduler, RNGs)
 
     resume_rng = None
-    state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "best_score": -1.0, "best_epoch": -1,
-             "bad_epochs": 0, "epoch_loss_sum": 0.0, "epoch_batches": 0, "history": []}
+    state = {
+        "epoch": 0,
+        "batch_in_epoch": 0,
+        "global_step": 0,
+        "best_score": -1.0,
+        "best_epoch": -1,
+        "bad_epochs": 0,
+        "epoch_loss_sum": 0.0,
+        "epoch_batches": 0,
+        "history": [],
+    }
     ckpt_dir = run_dir / CHECKPOINT_DIR
     resume_from = None
     if t.resume:
@@ -303,8 +350,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 _set_rng_state(resume_rng)
                 resume_rng = None
                 iterator = itertools.chain([] if first is None else [first], iterator)
-            bar = tqdm(iterator, total=len(loader), initial=skip, desc=f"epoch {epoch + 1}/{t.max_epochs}",
-                       disable=not is_main or not t.progress_bar, dynamic_ncols=True)
+            bar = tqdm(
+                iterator,
+                total=len(loader),
+                initial=skip,
+                desc=f"epoch {epoch + 1}/{t.max_epochs}",
+                disable=not is_main or not t.progress_bar,
+                dynamic_ncols=True,
+            )
             seen, t0 = 0, time.time()
             for batch in bar:
                 with accelerator.accumulate(model):
@@ -322,25 +375,43 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 if accelerator.sync_gradients:
                     state["global_step"] += 1
                 seen += batch["input_ids"].shape[0] * accelerator.num_processes
-                bar.set_postfix(loss=f"{out.loss.item():.3f}", ex_s=f"{seen / max(time.time() - t0, 1e-6):.0f}")
+                bar.set_postfix(
+                    loss=f"{out.loss.item():.3f}", ex_s=f"{seen / max(time.time() - t0, 1e-6):.0f}"
+                )
                 flag = accelerator.reduce(torch.tensor(float(stop.signal is not None)), "max").item() > 0
                 if flag or (stop_after and state["global_step"] >= stop_after):
                     save_checkpoint()
                     raise TrainingInterrupted(
                         f"stopped at epoch {epoch + 1} batch {state['batch_in_epoch']}: checkpoint saved in {ckpt_dir}; "
-                        "continue with trainer.resume=true")
-                if t.checkpoint_every_steps and state["global_step"] % t.checkpoint_every_steps == 0 \
-                        and accelerator.sync_gradients:
+                        "continue with trainer.resume=true"
+                    )
+                if (
+                    t.checkpoint_every_steps
+                    and state["global_step"] % t.checkpoint_every_steps == 0
+                    and accelerator.sync_gradients
+                ):
                     save_checkpoint()
             # ---- end of epoch: dev metrics, best checkpoint, early stopping
-            dev = dev_metrics(predict_logits(accelerator.unwrap_model(model), tokenizer, dev_records,
-                                             batch_size=t.eval_batch_size), dev_records, taxonomy, score_weights)
+            dev = dev_metrics(
+                predict_logits(
+                    accelerator.unwrap_model(model), tokenizer, dev_records, batch_size=t.eval_batch_size
+                ),
+                dev_records,
+                taxonomy,
+                score_weights,
+            )
             loss_sum, batches = accelerator.reduce(
-                torch.tensor([state["epoch_loss_sum"], float(state["epoch_batches"])], dtype=torch.float64), "sum").tolist()
-            entry = {"epoch": epoch + 1, "global_step": state["global_step"],
-                     "train_loss": round(loss_sum / max(batches, 1.0), 4), "lr": float(f"{scheduler.get_last_lr()[0]:.4g}"),
-                     "examples_per_s": round(seen / max(time.time() - t0, 1e-6), 1),
-                     **{f"dev_{k}": round(v, 4) for k, v in dev.items()}}
+                torch.tensor([state["epoch_loss_sum"], float(state["epoch_batches"])], dtype=torch.float64),
+                "sum",
+            ).tolist()
+            entry = {
+                "epoch": epoch + 1,
+                "global_step": state["global_step"],
+                "train_loss": round(loss_sum / max(batches, 1.0), 4),
+                "lr": float(f"{scheduler.get_last_lr()[0]:.4g}"),
+                "examples_per_s": round(seen / max(time.time() - t0, 1e-6), 1),
+                **{f"dev_{k}": round(v, 4) for k, v in dev.items()},
+            }
             state["history"].append(entry)
             if is_main:
                 print(" ".join(f"{k}={v}" for k, v in entry.items()))
@@ -356,15 +427,23 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 print(f"early stopping: no dev improvement for {state['bad_epochs']} epoch(s)")
                 break
 
-    summary = {"best_epoch": state["best_epoch"], "best_dev": state["history"][state["best_epoch"] - 1],
-               "epochs_run": len(state["history"]), "train_seconds": round(time.time() - started, 1)}
+    summary = {
+        "best_epoch": state["best_epoch"],
+        "best_dev": state["history"][state["best_epoch"] - 1],
+        "epochs_run": len(state["history"]),
+        "train_seconds": round(time.time() - started, 1),
+    }
     if is_main:
         finalize_model_dir(cfg, run_dir, taxonomy, splits, state, summary)
         if not t.get("keep_checkpoint", False):
             # finished: the resumable state (weights + optimizer, ~3x the model) is no longer needed, including
             # the interrupted run's checkpoint this run continued; the best weights live on in run_dir/model
             consumed = [ckpt_dir, run_dir / "best"]
-            if resume_from is not None and resume_from.parent != run_dir and resume_from.name == CHECKPOINT_DIR:
+            if (
+                resume_from is not None
+                and resume_from.parent != run_dir
+                and resume_from.name == CHECKPOINT_DIR
+            ):
                 consumed.append(resume_from)
             for path in consumed:
                 shutil.rmtree(path, ignore_errors=True)
@@ -387,8 +466,14 @@ def write_train_log(directory: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(directory / "train_log.csv", buf.getvalue())
 
 
-def finalize_model_dir(cfg: DictConfig, run_dir: Path, taxonomy: Taxonomy, splits: dict[str, list[dict[str, Any]]],
-                       state: dict[str, Any], summary: dict[str, Any]) -> Path:
+def finalize_model_dir(
+    cfg: DictConfig,
+    run_dir: Path,
+    taxonomy: Taxonomy,
+    splits: dict[str, list[dict[str, Any]]],
+    state: dict[str, Any],
+    summary: dict[str, Any],
+) -> Path:
     """run_dir/model = best weights + tokenizer + resolved config, label maps, train log, data summary;
     then published atomically to ``trainer.publish_dir`` (models/<experiment>) when set."""
     model_dir = run_dir / "model"
@@ -396,13 +481,24 @@ def finalize_model_dir(cfg: DictConfig, run_dir: Path, taxonomy: Taxonomy, split
         for f in (run_dir / "best").iterdir():
             shutil.copy2(f, tmp / f.name)
         atomic_write_text(tmp / "train_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        atomic_write_json(tmp / "label_maps.json", {
-            "intent": taxonomy.id2intent, "intent_routes": dict(zip(taxonomy.intent_names, taxonomy.routes, strict=True)),
-            "urgent": {0: "not_urgent", 1: "urgent"}, "refund_recoverable": {0: "firm", 1: "recoverable"}})
+        atomic_write_json(
+            tmp / "label_maps.json",
+            {
+                "intent": taxonomy.id2intent,
+                "intent_routes": dict(zip(taxonomy.intent_names, taxonomy.routes, strict=True)),
+                "urgent": {0: "not_urgent", 1: "urgent"},
+                "refund_recoverable": {0: "firm", 1: "recoverable"},
+            },
+        )
         write_train_log(tmp, state["history"])
-        atomic_write_json(tmp / "data_summary.json", {
-            "splits": {k: summarize(v) for k, v in splits.items()},
-            "files": {k: str(cfg.data.get(f"{k}_file")) for k in splits}, "training": summary})
+        atomic_write_json(
+            tmp / "data_summary.json",
+            {
+                "splits": {k: summarize(v) for k, v in splits.items()},
+                "files": {k: str(cfg.data.get(f"{k}_file")) for k in splits},
+                "training": summary,
+            },
+        )
     publish = cfg.trainer.get("publish_dir")
     if publish:
         with atomic_directory(publish) as tmp:
@@ -414,10 +510,15 @@ def finalize_model_dir(cfg: DictConfig, run_dir: Path, taxonomy: Taxonomy, split
 def ensure_data(cfg: DictConfig) -> None:
     """Generate the embedded dataset when its files are missing (so `make train` works on a fresh clone)."""
     data = cfg.data
-    missing = [data.get(f"{s}_file") for s in ("train", "dev") if data.get(f"{s}_file") and
-               not Path(data.get(f"{s}_file")).is_file()]
+    missing = [
+        data.get(f"{s}_file")
+        for s in ("train", "dev")
+        if data.get(f"{s}_file") and not Path(data.get(f"{s}_file")).is_file()
+    ]
     if missing and data.get("generate_if_missing") and data.get("generator"):
         from kefu_triage.data.embedded import prepare_data
 
-        print(f"data files missing ({', '.join(map(str, missing))}): generating the embedded dataset into {data.dir}")
+        print(
+            f"data files missing ({', '.join(map(str, missing))}): generating the embedded dataset into {data.dir}"
+        )
         prepare_data(cfg)
