@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from kefu_triage.core.fileio import atomic_directory, atomic_write_json, atomic_write_text
+from kefu_triage.core.fileio import atomic_directory, atomic_write_json
 from kefu_triage.core.heads import OUTPUT_NAMES
 from kefu_triage.core.inputs import encode_inputs, pad_encodings
 from kefu_triage.core.taxonomy import Taxonomy
-from kefu_triage.data.records import DataValidationError, load_split_records, summarize
+from kefu_triage.data.records import DataValidationError, load_split_records
 from kefu_triage.evaluate.metrics import dev_metrics
 from kefu_triage.model.multitask import (
     KefuTriageConfig,
@@ -58,6 +58,7 @@ from kefu_triage.train.loop import (
     _seed_everything,
     _set_rng_state,
     _StopFlag,
+    finalize_model_dir,
     find_resume_dir,
     write_train_log,
 )
@@ -560,7 +561,16 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             f"urgent AUC {t['urgent_auc']:.4f} vs {s['urgent_auc']:.4f}; intent agreement "
             f"{summary['test']['intent_agreement']:.4f}"
         )
-    finalize_student_dir(cfg, run_dir, taxonomy, splits, state, summary)
+    finalize_model_dir(
+        cfg,
+        run_dir,
+        taxonomy,
+        splits,
+        state,
+        summary,
+        cfg.distill.get("publish_dir"),
+        summary_key="distillation",
+    )
     if not d.get("keep_checkpoint", False):
         consumed = [ckpt_dir, run_dir / "best"]
         if resume_from is not None and resume_from.parent != run_dir and resume_from.name == CHECKPOINT_DIR:
@@ -568,47 +578,6 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         for path in consumed:
             shutil.rmtree(path, ignore_errors=True)
     return summary
-
-
-def finalize_student_dir(
-    cfg: DictConfig,
-    run_dir: Path,
-    taxonomy: Taxonomy,
-    splits: dict[str, list[dict[str, Any]]],
-    state: dict[str, Any],
-    summary: dict[str, Any],
-) -> Path:
-    """run_dir/model: best student + tokenizer + config + label maps + log + data summary (with the
-    distillation summary), published atomically to ``distill.publish_dir``."""
-    model_dir = run_dir / "model"
-    with atomic_directory(model_dir) as tmp:
-        for f in (run_dir / "best").iterdir():
-            shutil.copy2(f, tmp / f.name)
-        atomic_write_text(tmp / "train_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        atomic_write_json(
-            tmp / "label_maps.json",
-            {
-                "intent": taxonomy.id2intent,
-                "intent_routes": dict(zip(taxonomy.intent_names, taxonomy.routes, strict=True)),
-                "urgent": {0: "not_urgent", 1: "urgent"},
-                "refund_recoverable": {0: "firm", 1: "recoverable"},
-            },
-        )
-        write_train_log(tmp, state["history"])
-        atomic_write_json(
-            tmp / "data_summary.json",
-            {
-                "splits": {k: summarize(v) for k, v in splits.items()},
-                "files": {k: str(cfg.data.get(f"{k}_file")) for k in splits},
-                "distillation": summary,
-            },
-        )
-    publish = cfg.distill.get("publish_dir")
-    if publish:
-        with atomic_directory(publish) as tmp:
-            shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
-        print(f"student published to {publish}")
-    return model_dir
 
 
 def main() -> None:

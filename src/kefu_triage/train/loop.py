@@ -434,7 +434,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "train_seconds": round(time.time() - started, 1),
     }
     if is_main:
-        finalize_model_dir(cfg, run_dir, taxonomy, splits, state, summary)
+        finalize_model_dir(cfg, run_dir, taxonomy, splits, state, summary, cfg.trainer.get("publish_dir"))
         if not t.get("keep_checkpoint", False):
             # finished: the resumable state (weights + optimizer, ~3x the model) is no longer needed, including
             # the interrupted run's checkpoint this run continued; the best weights live on in run_dir/model
@@ -473,9 +473,12 @@ def finalize_model_dir(
     splits: dict[str, list[dict[str, Any]]],
     state: dict[str, Any],
     summary: dict[str, Any],
+    publish_dir: str | Path | None,
+    summary_key: str = "training",
 ) -> Path:
-    """run_dir/model = best weights + tokenizer + resolved config, label maps, train log, data summary;
-    then published atomically to ``trainer.publish_dir`` (models/<experiment>) when set."""
+    """run_dir/model = best weights + tokenizer + resolved config, label maps, train log, data summary (the
+    run's ``summary`` under ``summary_key``); then published atomically to ``publish_dir`` (models/<experiment>)
+    when set. Training and distillation both end here."""
     model_dir = run_dir / "model"
     with atomic_directory(model_dir) as tmp:
         for f in (run_dir / "best").iterdir():
@@ -496,14 +499,13 @@ def finalize_model_dir(
             {
                 "splits": {k: summarize(v) for k, v in splits.items()},
                 "files": {k: str(cfg.data.get(f"{k}_file")) for k in splits},
-                "training": summary,
+                summary_key: summary,
             },
         )
-    publish = cfg.trainer.get("publish_dir")
-    if publish:
-        with atomic_directory(publish) as tmp:
+    if publish_dir:
+        with atomic_directory(publish_dir) as tmp:
             shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
-        print(f"model published to {publish}")
+        print(f"model published to {publish_dir}")
     return model_dir
 
 
