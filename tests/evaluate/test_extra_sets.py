@@ -145,10 +145,11 @@ def _run(tmp_path, data_dir, monkeypatch, *overrides):
 @pytest.fixture(scope="module")
 def with_sets(data_dir, shared_dir, tmp_path_factory):
     mp = pytest.MonkeyPatch()
-    try:
-        yield _run(tmp_path_factory.mktemp("eval_extra"), data_dir, mp, f"paths.shared_dir={shared_dir}")
+    try:  # undo at once: a session fixture built later in this module (smoke) must see the real scorer
+        result = _run(tmp_path_factory.mktemp("eval_extra"), data_dir, mp, f"paths.shared_dir={shared_dir}")
     finally:
         mp.undo()
+    return result
 
 
 def test_default_sets_are_measured_next_to_the_peers(with_sets):

@@ -31,6 +31,7 @@ class NoisyOracleScorer:
 
     def __init__(self, model_dir=None, wrong: float = 0.2, seed: int = 0):
         self.taxonomy, self.context_turns, self.wrong, self.seed = TAX, 0, wrong, seed
+        self.novelty = None  # like TorchScorer without novelty statistics
 
     def predict_logits(self, records):
         rng = np.random.default_rng([self.seed, len(records)])
@@ -70,6 +71,7 @@ def _run(tmp_path, data_dir, monkeypatch, *overrides):
             f"output_dir={tmp_path / 'reports'}",
             "tuning.grid=11",
             "sanity.enabled=false",
+            "policy.novelty.enabled=false",  # the oracle has no pooled state
             *overrides,
         ],
     )
@@ -79,10 +81,11 @@ def _run(tmp_path, data_dir, monkeypatch, *overrides):
 @pytest.fixture(scope="module")
 def evaluated(data_dir, tmp_path_factory):
     mp = pytest.MonkeyPatch()
-    try:
-        yield _run(tmp_path_factory.mktemp("eval"), data_dir, mp)
+    try:  # undo at once: a session fixture built later in this module (smoke) must see the real scorer
+        result = _run(tmp_path_factory.mktemp("eval"), data_dir, mp)
     finally:
         mp.undo()
+    return result
 
 
 def test_report_html_is_self_contained_with_four_plots(evaluated):

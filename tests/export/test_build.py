@@ -28,7 +28,13 @@ def test_artifact_is_fused_quantised_and_self_describing(smoke):
         and manifest["parity"]["int8_route_agreement"] >= 0.99
     )
     assert (art / "model.int8.onnx").stat().st_size < (art / "model.onnx").stat().st_size / 2
-    assert set(manifest["files"]) == {"model.onnx", "model.int8.onnx", "tokenizer.json", "README.md"}
+    assert set(manifest["files"]) == {
+        "model.onnx",
+        "model.int8.onnx",
+        "tokenizer.json",
+        "novelty.npz",
+        "README.md",
+    }
     for key in (
         "taxonomy",
         "heads",
