@@ -307,25 +307,38 @@ def predict_logits(
     """Raw logits of the three heads for records with ``text`` (and optional ``context``); with ``pooled``
     also the pooled encoder state under POOLED_OUTPUT ([N, hidden], for novelty)."""
     model.eval()
-    cfg = model.config
-    order = sorted(range(len(records)), key=lambda i: len(records[i]["text"]))  # less padding
     keys = OUTPUT_NAMES + ((POOLED_OUTPUT,) if pooled else ())
     outs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = encode(
-            tokenizer,
-            [records[i]["text"] for i in idx],
-            [records[i].get("context") for i in idx],
-            cfg.context_turns,
-            cfg.max_seq_length,
-            padding=True,
-            return_tensors="pt",
-        )
-        out = model(**{k: v.to(device) for k, v in batch.items()})
+    inverse, batches = length_ordered_batches(model, tokenizer, records, batch_size)
+    for batch in batches:
+        out = model(**batch)
         for k in keys:
             outs[k].append(getattr(out, k).float().cpu().numpy())
     result = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in outs.items()}
-    inverse = np.argsort(np.asarray(order, dtype=int))
     return {k: v[inverse] for k, v in result.items()}
+
+
+def length_ordered_batches(
+    model: KefuTriageModel, tokenizer, records: Sequence[dict[str, Any]], batch_size: int
+):
+    """``(inverse, batches)``: padded model-input batches on the model's device, records sorted by text length
+    (less padding); ``inverse`` puts row-wise outputs concatenated over the batches back in input order."""
+    cfg = model.config
+    order = sorted(range(len(records)), key=lambda i: len(records[i]["text"]))
+    device = next(model.parameters()).device
+
+    def batches():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = encode(
+                tokenizer,
+                [records[i]["text"] for i in idx],
+                [records[i].get("context") for i in idx],
+                cfg.context_turns,
+                cfg.max_seq_length,
+                padding=True,
+                return_tensors="pt",
+            )
+            yield {k: v.to(device) for k, v in batch.items()}
+
+    return np.argsort(np.asarray(order, dtype=int)), batches()

@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from kefu_triage.core.fileio import atomic_directory, atomic_write_jsonl, atomic_write_text
 from kefu_triage.core.taxonomy import Taxonomy, taxonomy_from_config
 from kefu_triage.data.records import load_split_records
-from kefu_triage.model.multitask import encode, load_model
+from kefu_triage.model.multitask import length_ordered_batches, load_model
 from kefu_triage.train.adapt import AdaptationError, adapt_settings, load_unlabeled
 
 LOG_FILE = "self_training.jsonl"
@@ -71,25 +71,12 @@ def mc_probabilities(
 ) -> dict[str, np.ndarray]:
     """Eval-mode probabilities and ``passes`` dropout-on passes: {"intent": [N, C], "urgent": [N],
     "refund": [N], "mc_intent": [passes, N, C]} (deterministic for a seed)."""
-    cfg = model.config
-    order = sorted(range(len(records)), key=lambda i: len(records[i]["text"]))
-    device = next(model.parameters()).device
     det = {"intent": [], "urgent": [], "refund": []}
     mc: list[list[np.ndarray]] = [[] for _ in range(passes)]
+    inverse, batches = length_ordered_batches(model, tokenizer, records, batch_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = encode(
-                tokenizer,
-                [records[i]["text"] for i in idx],
-                [records[i].get("context") for i in idx],
-                cfg.context_turns,
-                cfg.max_seq_length,
-                padding=True,
-                return_tensors="pt",
-            )
-            batch = {k: v.to(device) for k, v in batch.items()}
+        for batch in batches:
             model.eval()
             out = model(**batch)
             det["intent"].append(torch.softmax(out.intent_logits.float(), -1).cpu().numpy())
@@ -99,7 +86,6 @@ def mc_probabilities(
             for p in range(passes):
                 mc[p].append(torch.softmax(model(**batch).intent_logits.float(), -1).cpu().numpy())
     model.eval()
-    inverse = np.argsort(np.asarray(order, dtype=int))
     result = {k: np.concatenate(v)[inverse] for k, v in det.items()}
     result["mc_intent"] = np.stack([np.concatenate(m)[inverse] for m in mc])
     return result
