@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve an artifact over HTTP with micro-batching (needs the 'serve' extra)",
         description="Every option can also be set by an environment variable: KEFU_ARTIFACT, KEFU_HOST, "
-        "KEFU_PORT, KEFU_PRECISION, KEFU_MAX_BATCH, KEFU_MAX_WAIT_MS, KEFU_THREADS, KEFU_MAX_QUEUE, "
-        "KEFU_MAX_BODY_BYTES, KEFU_MAX_MESSAGES, KEFU_MAX_TEXT_CHARS, KEFU_MAX_CONTEXT_TURNS, "
+        "KEFU_PORT, KEFU_PRECISION, KEFU_MAX_BATCH, KEFU_MAX_WAIT_MS, KEFU_WORKERS, KEFU_THREADS, "
+        "KEFU_MAX_QUEUE, KEFU_MAX_BODY_BYTES, KEFU_MAX_MESSAGES, KEFU_MAX_TEXT_CHARS, KEFU_MAX_CONTEXT_TURNS, "
         "KEFU_GRACEFUL_TIMEOUT, KEFU_LOG_LEVEL, KEFU_ACCESS_LOG.",
     )
     p.add_argument("--artifact", help="artifact directory (env KEFU_ARTIFACT)")
@@ -149,7 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["int8", "fp32"], help="default int8")
     p.add_argument("--max-batch", type=int, help="messages per model call (default 32)")
     p.add_argument("--max-wait-ms", type=float, help="longest wait for a batch to fill (default 5)")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument(
+        "--workers", type=int, help="batches scored at the same time (default: int8 one per core, fp32 1)"
+    )
+    p.add_argument(
+        "--threads", type=int, help="onnxruntime intra-op threads per worker (default: cores / workers)"
+    )
     p.add_argument("--max-queue", type=int, help="messages waiting before 503 + Retry-After (default 1024)")
     p.add_argument("--max-body-bytes", type=int, help="request body limit (default 1 MiB)")
     p.add_argument("--max-messages", type=int, help="messages per /v1/triage request (default 64)")

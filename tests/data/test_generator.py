@@ -10,6 +10,7 @@ from kefu_triage.core.taxonomy import load_taxonomy
 from kefu_triage.data.generator import (
     DIALOGUE_FILE,
     DIALOGUE_SOURCES,
+    MAX_PREVIOUS_TURNS,
     SPLITS,
     TEMPLATE_DIR,
     Dialogue,
@@ -303,7 +304,7 @@ def _dialogue_rows(data, split, source="dialogue"):
     return [r for r in data[split] if r["source"] == source]
 
 
-def test_dialogue_rows_have_one_to_four_previous_turns_and_valid_labels(generated):
+def test_dialogue_rows_have_one_to_max_previous_turns_and_valid_labels(generated):
     res = load_resources()
     families = {d.group_id: d for d in res.dialogues}
     for split in SPLITS:
@@ -311,7 +312,7 @@ def test_dialogue_rows_have_one_to_four_previous_turns_and_valid_labels(generate
         assert rows, split
         assert len(validate_examples(rows, TAX, f"dialogue {split}")) == len(rows)
         for r in rows:
-            assert 1 <= len(r["context"]) <= 4, r
+            assert 1 <= len(r["context"]) <= MAX_PREVIOUS_TURNS, r
             assert all(t["role"] in ("customer", "agent") and t["text"].strip() for t in r["context"]), r
             family = families[r["group_id"]]  # a dialogue family's group, with the family's labels
             assert (r["intent"], r["urgent"], r["refund_recoverable"]) == (
@@ -323,11 +324,11 @@ def test_dialogue_rows_have_one_to_four_previous_turns_and_valid_labels(generate
         assert switches, split
         templates = {t.group_id: t for t in res.templates}
         for r in switches:  # a message that stands alone: a template without fixed previous turns
-            assert 1 <= len(r["context"]) <= 4 and r["group_id"] in templates, r
+            assert 1 <= len(r["context"]) <= MAX_PREVIOUS_TURNS and r["group_id"] in templates, r
             assert not templates[r["group_id"]].context and templates[r["group_id"]].intent == r["intent"]
         # many intents: the model cannot learn "has context -> one intent"
         assert len({r["intent"] for r in rows}) >= 10, split
-        assert len({len(r["context"]) for r in rows}) == 4, split
+        assert len({len(r["context"]) for r in rows}) == MAX_PREVIOUS_TURNS, split
 
 
 def test_dialogue_families_never_cross_splits(generated, tmp_path):
@@ -377,7 +378,7 @@ def test_dialogue_context_keeps_the_deciding_turn_within_n_turns(lead):
         "product_inquiry", "x", 0, None, lead, ("这款还有货吗",), ("亲 您要什么颜色呢",), ("米白的呢",)
     )
     rng = random.Random(0)
-    for n in (1, 2, 3, 4):
+    for n in range(1, MAX_PREVIOUS_TURNS + 1):
         for _ in range(40):
             turns = dialogue_context(family, settings, rng, n)
             assert 1 <= len(turns) <= n
@@ -389,6 +390,25 @@ def test_dialogue_context_keeps_the_deciding_turn_within_n_turns(lead):
             assert deciding in turns, (n, turns)
             if lead == "agent" and n == 1:
                 assert turns == [deciding]
+
+
+def test_topic_threads_put_same_topic_follow_ups_between_the_deciding_turn_and_the_current_turn():
+    settings = {**load_resources().dialogue_settings, "thread_share": 1.0}
+    family = Dialogue(
+        "return_refund", "x", 0, 1, "customer", ("我想退货",), ("亲 可以的哦",), ("运费谁出", "几天到账")
+    )
+    rng = random.Random(0)
+    for _ in range(40):
+        turns = dialogue_context(family, settings, rng, 6)
+        opener = turns.index({"role": "customer", "text": "我想退货"})
+        after = [t["text"] for t in turns[opener + 1 :] if t["role"] == "customer"]
+        # the customer's own follow-ups in the same topic come after the deciding opener
+        assert after and set(after) <= {"运费谁出", "几天到账"}, turns
+    # without threads the opener's topic is never followed up before the current turn
+    settings["thread_share"] = 0.0
+    for _ in range(40):
+        turns = dialogue_context(family, settings, rng, 6)
+        assert not [t for t in turns if t["text"] in ("运费谁出", "几天到账")], turns
 
 
 MINI_DIALOGUES = {

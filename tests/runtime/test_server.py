@@ -289,6 +289,62 @@ def test_batcher_rejects_over_queue_limit():
     asyncio.run(go())
 
 
+def test_batcher_scores_batches_side_by_side_with_several_workers():
+    import asyncio
+
+    lock, inside, both = threading.Lock(), [], threading.Event()
+
+    def predict(texts, contexts):
+        with lock:
+            inside.append(list(texts))
+            if len(inside) == 2:
+                both.set()
+        assert both.wait(10), "the second worker never started while the first was busy"
+        return [{"t": x} for x in texts]
+
+    async def go():
+        b = MicroBatcher(predict, max_batch=1, max_wait_ms=0, workers=2)
+        b.start()
+        got = await asyncio.gather(b.submit(["a"], [None]), b.submit(["b"], [None]))
+        assert got == [[{"t": "a"}], [{"t": "b"}]]
+        queued = [asyncio.ensure_future(b.submit([x], [None])) for x in "cde"]
+        await asyncio.sleep(0)
+        await b.close()  # scores what is queued before it returns
+        assert [q.result() for q in queued] == [[{"t": x}] for x in "cde"]
+
+    asyncio.run(go())
+
+
+def test_cpu_plan_workers_and_threads(monkeypatch):
+    from kefu_triage.runtime import server as server_module
+
+    monkeypatch.setattr(server_module, "available_cores", lambda: 4)
+
+    def plan(**kw):
+        p = ServeSettings(artifact="a", **kw).plan_cpu()
+        return p.workers, p.threads
+
+    assert plan() == (4, 1)  # int8: one single-threaded worker per core
+    assert plan(precision="fp32") == (1, None)  # one worker, onnxruntime uses every core
+    assert plan(workers=2) == (2, 2)
+    assert plan(workers=1) == (1, None)
+    assert plan(threads=2) == (2, 2)
+    assert plan(threads=4) == (1, 4)
+    assert plan(workers=3, threads=1) == (3, 1)
+    assert ServeSettings.resolve({}, {"KEFU_ARTIFACT": "a", "KEFU_WORKERS": "3"}).workers == 3
+    with pytest.raises(ValueError, match="KEFU_WORKERS"):
+        ServeSettings.resolve({}, {"KEFU_ARTIFACT": "a", "KEFU_WORKERS": "0"})
+
+
+def test_load_client_drives_the_server(server):
+    pytest.importorskip("aiohttp")
+    from kefu_triage.bench.load import drive, encode_bodies, run_async
+
+    bodies = encode_bodies([{"text": t, "context": None} for t in TEXTS[:4]])
+    row = run_async(drive(str(server.base_url).rstrip("/"), bodies, 4, 12, 30.0))
+    assert row["requests"] == 12 and row["errors"] == 0 and row["throughput_msg_s"] > 0
+
+
 def test_settings_from_env_and_flags():
     env = {"KEFU_ARTIFACT": "a", "KEFU_PORT": "9001", "KEFU_MAX_WAIT_MS": "2.5", "KEFU_ACCESS_LOG": "true"}
     s = ServeSettings.resolve({"port": 9002}, env)

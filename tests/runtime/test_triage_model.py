@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kefu_triage.core.policy import HUMAN_REASONS
 from kefu_triage.runtime.model import ArtifactError, TriageModel
 
 FIELDS = {
@@ -190,7 +191,7 @@ def test_property_predict_over_arbitrary_unicode(runtime, texts):
         probs = [t["prob"] for t in o["top_intents"]]
         assert probs == sorted(probs, reverse=True) and o["intent_prob"] == probs[0]
         # the route follows the policy: every human reason routes to a human, the others to the bot
-        human = o["reason"] in ("urgent", "human_intent", "recoverable_refund", "low_confidence")
+        human = o["reason"] in HUMAN_REASONS  # includes "unfamiliar" (the novelty gate)
         assert (o["route"] == "human") == human
         if o["urgent_prob"] >= runtime.thresholds.urgent:
             assert o["reason"] == "urgent"

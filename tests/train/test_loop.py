@@ -236,3 +236,22 @@ def test_multirun_sweep_composes_every_job():
     assert (
         smoke.model.name == "e5_small_zh" and smoke.experiment_name == "smoke"
     )  # the experiment stays overridable
+
+
+def test_cosine_schedule_keeps_a_higher_rate_mid_run_and_unknown_schedules_are_refused(smoke, tmp_path):
+    lrs = {}
+    for schedule in ("linear", "cosine"):
+        cfg = _cfg(
+            tmp_path / schedule,
+            smoke,
+            "trainer.max_epochs=3",
+            "data.max_train_examples=64",
+            f"trainer.lr_schedule={schedule}",
+        )
+        train(cfg, tmp_path / schedule / "run")
+        log = (tmp_path / schedule / "published" / "train_log.jsonl").read_text().splitlines()
+        lrs[schedule] = [json.loads(x)["lr"] for x in log]
+    # after a third of the steps: linear decay has lost ~1/3 of the peak, a cosine ~1/4
+    assert lrs["cosine"][0] > lrs["linear"][0] and lrs["cosine"][-1] < 1e-3 * lrs["cosine"][0] + 1e-12
+    with pytest.raises(ValueError, match="trainer.lr_schedule"):
+        train(_cfg(tmp_path / "bad", smoke, "trainer.lr_schedule=wavy"), tmp_path / "bad" / "run")

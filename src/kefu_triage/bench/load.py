@@ -1,10 +1,13 @@
-"""`make load-test`: start `kefu-triage serve` on loopback and drive it with an asyncio client (httpx) at
-1, 8, 32 and 64 concurrent clients, once with micro-batching and once with ``--max-batch 1``.
+"""`make load-test`: start `kefu-triage serve` on loopback and drive it with an asyncio client (aiohttp on
+uvloop) at 1, 8, 32 and 64 concurrent clients, once with micro-batching and once with ``--max-batch 1``.
 
-Prints p50/p95/p99 latency, throughput, errors and the server's RSS before/after per level, the batching
-gain, and the targets of issue 19 at 32 clients against the runtime's own batch-32 throughput measured in
-this run (in-process, before the server starts); writes load.json. A benchmark, not a test. Traffic goes to
-127.0.0.1 only; every level is bounded in requests and seconds.
+Prints p50/p95/p99 latency, throughput, errors, CPU per request and the server's RSS before/after per level,
+the batching gain, and the targets of issue 19 at 32 clients against the runtime's own batch-32 throughput
+measured in this run (in-process, before the server starts); writes load.json. A benchmark, not a test.
+Traffic goes to 127.0.0.1 only; every level is bounded in requests and seconds.
+
+Client and server share the machine's cores, so the client is kept cheap: request bodies are encoded once,
+and aiohttp on uvloop costs ~0.3 ms of CPU per request where httpx on asyncio cost ~5 ms.
 
     python -m kefu_triage.bench.load --artifact artifacts/default --output reports/default/load.json
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import os
 import platform
@@ -21,6 +25,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +97,8 @@ def cpu_seconds(pid: int) -> float:
 def runtime_throughput(
     artifact: str, precision: str, messages: list[dict[str, Any]], batch: int = 32
 ) -> float:
-    """The runtime's own msg/s at ``batch`` (as `make bench` measures it), on the same messages."""
+    """The runtime's own msg/s at ``batch`` (as `make bench` measures it: ``score``, default session
+    options), on the same messages."""
     from kefu_triage.runtime.model import TriageModel
 
     model = TriageModel.load(artifact, precision=precision, batch_size=batch)
@@ -103,11 +110,39 @@ def runtime_throughput(
     return len(texts) / (time.perf_counter() - t0)
 
 
+def server_config_throughput(
+    artifact: str, precision: str, messages: list[dict[str, Any]], workers: int, threads: int | None
+) -> float:
+    """msg/s of the server's scoring without HTTP: ``predict`` (novelty, policy, result dicts) on batches of
+    32, ``workers`` batches at once, session options as `kefu-triage serve` sets them. The gap between this
+    and the server's msg/s is the cost of HTTP and the client."""
+    from threadpoolctl import threadpool_limits
+
+    from kefu_triage.runtime.model import TriageModel
+
+    model = TriageModel.load(
+        artifact, precision=precision, threads=threads, batch_size=32, allow_spinning=False
+    )
+    texts, contexts = [m["text"] for m in messages], [m["context"] for m in messages]
+    chunks = [(texts[s : s + 32], contexts[s : s + 32]) for s in range(0, len(texts), 32)]
+    with threadpool_limits(1, user_api="blas"), concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda c: model.predict(*c), chunks[:workers]))  # warm-up
+        t0 = time.perf_counter()
+        list(pool.map(lambda c: model.predict(*c), chunks))
+        return len(texts) / (time.perf_counter() - t0)
+
+
 class Server:
     """`kefu-triage serve` in a subprocess on a free loopback port."""
 
     def __init__(
-        self, artifact: str, precision: str, max_batch: int, max_wait_ms: float, extra: list[str] = ()
+        self,
+        artifact: str,
+        precision: str,
+        max_batch: int,
+        max_wait_ms: float,
+        extra: list[str] = (),
+        env: dict[str, str] | None = None,
     ):
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
@@ -132,11 +167,15 @@ class Server:
             "warning",
             *extra,
         ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        import httpx
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -144,9 +183,10 @@ class Server:
                     f"the server exited with {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}"
                 )
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1.0) as r:
+                    if r.status == 200:
+                        return
+            except (OSError, urllib.error.URLError):  # not listening yet, or 503 while warming up
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"the server on {self.url} was not ready within {timeout:.0f} s")
@@ -162,38 +202,48 @@ class Server:
         return self.proc.returncode
 
 
+def encode_bodies(messages: list[dict[str, Any]]) -> list[bytes]:
+    """One /v1/triage body per message, encoded once before the clock starts."""
+    return [json.dumps({"messages": [m]}, ensure_ascii=False).encode() for m in messages]
+
+
 async def drive(
-    url: str, messages: list[dict[str, Any]], clients: int, requests: int, max_seconds: float
+    url: str, bodies: list[bytes], clients: int, requests: int, max_seconds: float
 ) -> dict[str, Any]:
     """``clients`` closed-loop clients, one message per request, until ``requests`` or ``max_seconds``."""
-    import httpx
+    import aiohttp
 
+    endpoint, headers = f"{url}/v1/triage", {"content-type": "application/json"}
     latencies: list[float] = []
     errors = 0
     issued = 0
 
-    async def warm(http: httpx.AsyncClient) -> None:
-        for m in messages[:2]:  # unrecorded: connections open, the server's batches settle
-            await http.post("/v1/triage", json={"messages": [m]})
+    async def post(http: aiohttp.ClientSession, body: bytes) -> bool:
+        try:
+            async with http.post(endpoint, data=body, headers=headers) as r:
+                await r.read()
+                return r.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
 
-    async def client(http: httpx.AsyncClient) -> None:
+    async def warm(http: aiohttp.ClientSession) -> None:
+        for body in bodies[:2]:  # unrecorded: connections open, the server's batches settle
+            await post(http, body)
+
+    async def client(http: aiohttp.ClientSession) -> None:
         nonlocal issued, errors
         while issued < requests and time.monotonic() < deadline:
-            m = messages[issued % len(messages)]
+            body = bodies[issued % len(bodies)]
             issued += 1
             t0 = time.perf_counter()
-            try:
-                r = await http.post("/v1/triage", json={"messages": [m]})
-                ok = r.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            if ok:
+            if await post(http, body):
                 latencies.append((time.perf_counter() - t0) * 1000)
             else:
                 errors += 1
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60.0) as http:
+    connector = aiohttp.TCPConnector(limit=clients)
+    timeout = aiohttp.ClientTimeout(total=60.0)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         await asyncio.gather(*(warm(http) for _ in range(clients)))
         deadline = time.monotonic() + max_seconds
         t0 = time.perf_counter()
@@ -210,11 +260,19 @@ async def drive(
     }
 
 
+def run_async(coro):
+    """uvloop when installed (uvicorn[standard] brings it): a cheaper event loop for the client too."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def batch_sizes(url: str) -> dict[str, float]:
     """Mean messages per model call so far, from the server's own /metrics."""
-    import httpx
-
-    text = httpx.get(f"{url}/metrics", timeout=5).text
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+        text = r.read().decode()
     values = {
         line.split()[0]: float(line.split()[1])
         for line in text.splitlines()
@@ -237,8 +295,10 @@ def run_config(
     requests: int,
     max_seconds: float,
     server_args: list[str] = (),
+    server_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    server = Server(artifact, precision, max_batch, max_wait_ms, list(server_args))
+    bodies = encode_bodies(messages)
+    server = Server(artifact, precision, max_batch, max_wait_ms, list(server_args), server_env)
     try:
         server.wait_ready()
         rss_before = rss_mb(server.proc.pid)
@@ -246,7 +306,7 @@ def run_config(
         for c in levels:
             before = batch_sizes(server.url)
             cpu0, client0 = cpu_seconds(server.proc.pid), time.process_time()
-            row = asyncio.run(drive(server.url, messages, c, requests, max_seconds))
+            row = run_async(drive(server.url, bodies, c, requests, max_seconds))
             n_req = max(row["requests"], 1)
             row["server_cpu_ms_per_request"] = round((cpu_seconds(server.proc.pid) - cpu0) * 1000 / n_req, 2)
             row["client_cpu_ms_per_request"] = round((time.process_time() - client0) * 1000 / n_req, 2)
@@ -292,7 +352,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument(
-        "--threads", type=int, default=None, help="the server's onnxruntime threads (default: all cores)"
+        "--workers",
+        type=int,
+        default=None,
+        help="the server's inference workers (KEFU_WORKERS; default: one per core for int8, 1 for fp32)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="the server's onnxruntime threads per worker (default: cores / workers)",
     )
     args = ap.parse_args(argv)
     if not (Path(args.artifact) / "triage.json").is_file():
@@ -301,11 +370,23 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    from kefu_triage.runtime.server import ServeSettings
+
     levels = [int(x) for x in args.clients.split(",")]
     messages = load_messages(args.messages)
+    plan = ServeSettings(
+        artifact=args.artifact, precision=args.precision, workers=args.workers, threads=args.threads
+    ).plan_cpu()
     ref = runtime_throughput(args.artifact, args.precision, messages[:1024])
     print(
         f"runtime {args.precision} batch-32 throughput (in-process): {ref:.1f} msg/s on {min(len(messages), 1024)} messages"
+    )
+    ref_server = server_config_throughput(
+        args.artifact, args.precision, messages[:1024], plan.workers, plan.threads
+    )
+    print(
+        f"the server's scoring without HTTP (predict, {plan.workers} worker(s) x "
+        f"{plan.threads or 'all'} thread(s), in-process): {ref_server:.1f} msg/s"
     )
     configs = {}
     for mb in dict.fromkeys((args.max_batch, 1)):
@@ -320,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             args.requests,
             args.max_seconds,
             ["--threads", str(args.threads)] if args.threads else [],
+            {"KEFU_WORKERS": str(args.workers)} if args.workers else None,
         )
     batched, single = configs[f"max_batch_{args.max_batch}"], configs["max_batch_1"]
     gain = {
@@ -335,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         targets = {
             "throughput_ratio_vs_runtime_batch32": round(at32["throughput_msg_s"] / ref, 3),
             "throughput_ok": at32["throughput_msg_s"] >= 0.8 * ref,
+            "throughput_ratio_vs_server_scoring_without_http": round(
+                at32["throughput_msg_s"] / ref_server, 3
+            ),
             "p99_limit_ms": round(p99_limit, 2),
             "p99_ok": at32["p99_ms"] <= p99_limit,
             "errors_ok": at32["errors"] == 0,
@@ -356,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
         "precision": args.precision,
         "messages": len(messages),
         "runtime_batch32_msg_s": round(ref, 1),
+        "server_scoring_without_http_msg_s": round(ref_server, 1),
+        "server_workers": plan.workers,
+        "server_threads_per_worker": plan.threads,
         "configs": configs,
         "batching_gain": gain,
         "targets_at_32": targets,

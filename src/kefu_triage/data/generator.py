@@ -23,7 +23,7 @@ import random
 import re
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -43,6 +43,8 @@ SLOT = re.compile(r"\{(\w+)\}")
 ROLES = ("customer", "agent")
 TEMPLATE_KEYS = {"id", "u", "r", "t", "c"}
 DIALOGUE_KEYS = {"id", "u", "r", "lead", "c", "a", "t"}
+# previous turns a generated snippet may carry (the deciding turn of a topic thread can sit 5 turns back)
+MAX_PREVIOUS_TURNS = 6
 FILLER_KEYS = ("agent_hello", "customer_hello", "agent_wait", "customer_ack", "agent_ack", "cards")
 DIALOGUE_SOURCES = ("dialogue", "dialogue_switch")
 LEXICON_REQUIRED = (
@@ -343,14 +345,24 @@ def _parse_dialogues(
         not isinstance(turns, dict)
         or not turns
         or any(
-            k not in (1, 2, 3, 4) or not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0
+            k not in range(1, MAX_PREVIOUS_TURNS + 1)
+            or not isinstance(w, (int, float))
+            or isinstance(w, bool)
+            or w < 0
             for k, w in turns.items()
         )
         or not sum(turns.values())
     ):
         raise GeneratorError(
-            f"{path}: turns must map numbers of previous turns (1-4) to non-negative weights"
+            f"{path}: turns must map numbers of previous turns (1-{MAX_PREVIOUS_TURNS}) to non-negative weights"
         )
+    thread_share = data.get("thread_share", 0.0)
+    if (
+        not isinstance(thread_share, (int, float))
+        or isinstance(thread_share, bool)
+        or not 0 <= thread_share <= 1
+    ):
+        raise GeneratorError(f"{path}: thread_share must be a number in [0, 1], got {thread_share!r}")
     mix = data.get("mix") or {}
     if not isinstance(mix, dict) or any(
         k not in taxonomy.intent_names or not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0
@@ -402,6 +414,7 @@ def _parse_dialogues(
     settings = {
         "fillers": fill_turns,
         "switch_share": float(share),
+        "thread_share": float(thread_share),
         "lexicon": dlex,
         "mix": dict(mix),
         "turns": {int(k): float(w) for k, w in sorted(turns.items())},
@@ -655,6 +668,16 @@ def dialogue_context(
         turns.append(turn("agent", family.follow_ups))
     elif n_turns > 1 and rng.random() < 0.4:  # customer-led, not answered yet: the agent only asked to wait
         turns.append(turn("agent", fillers["agent_wait"]))
+    if len(turns) + 2 <= n_turns and rng.random() < float(settings.get("thread_share", 0.0)):
+        # a topic thread: the customer already followed up in the same topic and the agent answered, so the
+        # deciding turn sits further back, as in long real chats about one return or one parcel
+        answers = fillers["agent_ack"] + fillers["agent_wait"]
+        if family.lead == "customer" and family.follow_ups:
+            answers = answers + family.follow_ups
+        for _ in range(min(2, (n_turns - len(turns)) // 2)):
+            turns += [turn("customer", family.replies), turn("agent", answers)]
+            if rng.random() < 0.5:
+                break
     opener = bool(family.openers) and turns[0]["role"] == "customer"
     pads = ["wait", "card", "hello"] if opener and len(turns) == 2 else ["card", "hello"]
     n_hello = 0  # greetings stay first, a card goes after them
@@ -674,7 +697,29 @@ def dialogue_context(
                 hello.insert(0, turn("customer", fillers["customer_hello"]))
             turns[:0] = hello
             n_hello = len(hello)
-    return turns[-4:]
+    return turns[-MAX_PREVIOUS_TURNS:]
+
+
+def topic_context(
+    families: Sequence[Dialogue], intent: str, settings: Mapping[str, Any], rng: random.Random
+) -> list[dict[str, str]]:
+    """Previous turns about one of ``families``' topics before a message of ``intent`` that stands alone and
+    decides its own label.
+
+    The earlier topic is answered and closed half of the time, and always before a greeting or remark, which
+    would otherwise read as an answer to a pending agent question."""
+    family = rng.choice(list(families))
+    context = dialogue_context(family, settings, rng, MAX_PREVIOUS_TURNS)
+    if intent in ("greeting", "other") or rng.random() < 0.5:
+        context += [
+            {"role": "customer", "text": fill_nested(rng.choice(family.replies), settings["lexicon"], rng)},
+            {
+                "role": "agent",
+                "text": fill_nested(rng.choice(settings["fillers"]["agent_ack"]), settings["lexicon"], rng),
+            },
+        ]
+    n_turns = rng.choices(list(settings["turns"]), list(settings["turns"].values()))[0]
+    return context[-n_turns:]
 
 
 def _dialogue_row(
@@ -688,7 +733,11 @@ def _dialogue_row(
     """An elliptical current turn of ``family`` after 1-4 previous turns that decide its intent."""
     context = dialogue_context(family, settings, rng)
     urgent = bool(family.urgent)
-    text = fill_nested(rng.choice(family.replies), settings["lexicon"], rng)
+    said = {t["text"] for t in context if t["role"] == "customer"}
+    for _ in range(4):  # a topic thread's earlier follow-up is not sent again as the current turn
+        text = fill_nested(rng.choice(family.replies), settings["lexicon"], rng)
+        if text not in said:
+            break
     # fewer affixes than templates: short replies in real chats rarely carry a greeting
     text = add_noise(decorate(text, lex, rng, affix_rate / 2, urgent), lex, rng, noise_rate, urgent)
     return _record(text, context, family.intent, family.urgent, family.refund, family.group_id, "dialogue")
@@ -712,6 +761,9 @@ def _switch_row(
     """A message that stands alone (a template of ``intent`` without fixed context) after previous turns
     about another topic: the context must not decide the label here."""
     others = [f for f in families if f.intent != intent]
+    # one in five after the same topic: the message decides, whatever the context is about
+    same = [f for f in families if f.intent == intent]
+    pool = same if same and rng.random() < 0.2 else others
     rec = (
         _template_row(
             intent,
@@ -731,20 +783,7 @@ def _switch_row(
     )
     if rec is None:
         return None
-    family = rng.choice(others)
-    n_turns = rng.choices(list(settings["turns"]), list(settings["turns"].values()))[0]
-    context = dialogue_context(family, settings, rng, 4)
-    # the earlier topic answered and closed; always so before a greeting or remark, which would otherwise
-    # read as an answer to a pending agent question
-    if intent in ("greeting", "other") or rng.random() < 0.5:
-        context += [
-            {"role": "customer", "text": fill_nested(rng.choice(family.replies), settings["lexicon"], rng)},
-            {
-                "role": "agent",
-                "text": fill_nested(rng.choice(settings["fillers"]["agent_ack"]), settings["lexicon"], rng),
-            },
-        ]
-    return {**rec, "context": context[-n_turns:], "source": "dialogue_switch"}
+    return {**rec, "context": topic_context(pool, intent, settings, rng), "source": "dialogue_switch"}
 
 
 # ---------------------------------------------------------------------------------------------------

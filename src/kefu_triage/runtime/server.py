@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,7 +60,8 @@ class ServeSettings:
     precision: str = "int8"
     max_batch: int = 32  # messages per model call
     max_wait_ms: float = 5.0  # how long the oldest queued request may wait for others to join its batch
-    threads: int | None = None  # onnxruntime intra-op threads (default: all cores)
+    workers: int | None = None  # batches scored at once (default: one per core for int8, 1 for fp32)
+    threads: int | None = None  # onnxruntime intra-op threads per worker (default: cores / workers)
     max_queue: int = 1024  # messages waiting for the model; beyond that -> 503 + Retry-After
     max_body_bytes: int = 1 << 20
     max_messages: int = 64  # messages per /v1/triage request
@@ -100,8 +101,34 @@ class ServeSettings:
         for name in ("max_wait_ms", "max_context_turns", "graceful_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} (KEFU_{name.upper()}) must be >= 0, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads (KEFU_THREADS) must be >= 1, got {self.threads}")
+        for name in ("workers", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} (KEFU_{name.upper()}) must be >= 1, got {getattr(self, name)}")
+
+    def plan_cpu(self) -> ServeSettings:
+        """These settings with ``workers`` and ``threads`` filled in for this machine's cores.
+
+        int8 scores one message per onnxruntime call (batch-independent, see TriageModel.load): such small
+        calls spread over intra-op threads spend much of their CPU synchronising them, so by default each
+        core gets a worker with one intra-op thread and whole batches run side by side. fp32 batches are
+        real matrix products that parallelise well inside one call: one worker using every core. An explicit
+        ``threads`` alone keeps its old meaning for int8 too: workers fill the cores with that many threads each."""
+        cores = available_cores()
+        if self.workers:
+            workers = self.workers
+        elif self.precision == "int8":
+            workers = max(1, cores // (self.threads or 1))
+        else:
+            workers = 1
+        threads = self.threads or (max(1, cores // workers) if workers > 1 else None)
+        return replace(self, workers=workers, threads=threads)
+
+
+def available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _parse_env(name: str, raw: str, default: Any) -> Any:
@@ -110,7 +137,7 @@ def _parse_env(name: str, raw: str, default: Any) -> Any:
             if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
                 raise ValueError
             return raw.lower() in ("1", "true", "yes")
-        if isinstance(default, int) or name == "KEFU_THREADS":
+        if isinstance(default, int) or name in ("KEFU_THREADS", "KEFU_WORKERS"):
             return int(raw)
         if isinstance(default, float):
             return float(raw)
@@ -367,6 +394,7 @@ def create_app(model: TriageModel, settings: ServeSettings) -> FastAPI:
         settings.max_queue,
         on_batch=lambda n, s: (metrics.batch_size.observe(n), metrics.batch_seconds.observe(s)),
         on_queue=metrics.queue_depth.set,
+        workers=settings.workers or 1,
     )
     state = {"ready": False}
 
@@ -376,11 +404,13 @@ def create_app(model: TriageModel, settings: ServeSettings) -> FastAPI:
         await batcher.run_in_worker(model.predict, [t for t, _ in WARMUP], [c for _, c in WARMUP])
         state["ready"] = True
         log.info(
-            "kefu-triage ready: %s (%s), max_batch=%d, max_wait_ms=%g",
+            "kefu-triage ready: %s (%s), max_batch=%d, max_wait_ms=%g, workers=%d, threads=%s",
             settings.artifact,
             info["sha256"][:12],
             settings.max_batch,
             settings.max_wait_ms,
+            batcher.workers,
+            settings.threads or "all cores",
         )
         try:
             yield
@@ -529,15 +559,18 @@ def create_app(model: TriageModel, settings: ServeSettings) -> FastAPI:
 
 def run_serve(args: Any) -> int:
     import uvicorn
+    from threadpoolctl import threadpool_limits
 
     settings = ServeSettings.resolve(
         {k: v for k, v in vars(args).items() if k in {f.name for f in fields(ServeSettings)}}
-    )
+    ).plan_cpu()
     if not Path(settings.artifact).is_dir():
         raise FileNotFoundError(f"--artifact {settings.artifact}: directory not found")
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # numpy's OpenBLAS pool (novelty's small matmuls, one per batch) would spin a second core after every batch
+    threadpool_limits(1, user_api="blas")
     # the model's own batches are the micro-batches: one session call per length group of a gathered batch
     model = TriageModel.load(
         settings.artifact,

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoint"
 RNG_FILE = "rng_state.pt"
 STATE_FILE = "trainer_state.json"
+# learning-rate schedules after warm-up (transformers.get_scheduler names)
+LR_SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 
 
 class TrainingInterrupted(RuntimeError):
@@ -232,7 +234,7 @@ def find_resume_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train, keep the best dev checkpoint, save it into ``run_dir/model`` and publish to ``publish_dir``."""
     from accelerate import Accelerator
-    from transformers import get_linear_schedule_with_warmup
+    from transformers import get_scheduler
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -242,6 +244,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
         return self_train(cfg, run_dir)
     t = cfg.trainer
+    schedule = str(t.get("lr_schedule", "linear"))
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"trainer.lr_schedule must be one of {list(LR_SCHEDULES)}, got {schedule!r}")
     _seed_everything(t.seed)
     taxonomy = taxonomy_from_config(cfg.taxonomy)
     splits = load_split_records(cfg.data, taxonomy)
@@ -286,8 +291,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     # accelerate's prepared scheduler advances num_processes times per optimizer step (each process sees
     # 1/num_processes of the batches), so the schedule is laid out in single-process steps
     total_steps = max(math.ceil(len(sampler) / t.grad_accum_steps) * t.max_epochs, 1)
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(cfg.model.warmup_ratio * total_steps), total_steps
+    scheduler = get_scheduler(
+        schedule,
+        optimizer,
+        num_warmup_steps=int(cfg.model.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
     )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     # accelerate saves and restores these with the checkpoint (model, optimizer, scheduler, RNGs)
