@@ -69,6 +69,30 @@ def compose(config_name: str, overrides: list[str]):
         return hydra_compose(config_name=config_name, overrides=overrides)
 
 
+def run_eval_with_scorer(tmp_path: Path, data_dir: Path, monkeypatch, scorer, *overrides: str):
+    """``make eval`` on ``data_dir`` with ``scorer`` in place of the PyTorch model (an oracle with no pooled
+    state, so no novelty); returns (metrics, reports dir, model dir)."""
+    from kefu_triage.evaluate import assess
+
+    monkeypatch.setattr(assess, "TorchScorer", scorer)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir(exist_ok=True)
+    cfg = compose(
+        "eval",
+        [
+            f"paths.root_dir={tmp_path}",
+            f"data.dir={data_dir}",
+            f"model_dir={model_dir}",
+            f"output_dir={tmp_path / 'reports'}",
+            "tuning.grid=11",
+            "sanity.enabled=false",
+            "policy.novelty.enabled=false",  # the oracle has no pooled state
+            *overrides,
+        ],
+    )
+    return assess.evaluate(cfg), tmp_path / "reports", model_dir
+
+
 def run_smoke_pipeline(root: Path, extra: tuple[str, ...] = ()) -> dict:
     """data + train + eval + export of the smoke experiment under ``root``; returns the paths."""
     from kefu_triage.evaluate.assess import evaluate

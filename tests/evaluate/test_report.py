@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import compose
+from conftest import compose, run_eval_with_scorer
 from kefu_triage.core.fileio import atomic_write_jsonl
 from kefu_triage.core.taxonomy import load_taxonomy
 from kefu_triage.data.generator import generate_splits
@@ -59,23 +59,7 @@ def data_dir(tmp_path_factory):
 
 
 def _run(tmp_path, data_dir, monkeypatch, *overrides):
-    monkeypatch.setattr(evaluate_module, "TorchScorer", NoisyOracleScorer)
-    model_dir = tmp_path / "model"
-    model_dir.mkdir(exist_ok=True)
-    cfg = compose(
-        "eval",
-        [
-            f"paths.root_dir={tmp_path}",
-            f"data.dir={data_dir}",
-            f"model_dir={model_dir}",
-            f"output_dir={tmp_path / 'reports'}",
-            "tuning.grid=11",
-            "sanity.enabled=false",
-            "policy.novelty.enabled=false",  # the oracle has no pooled state
-            *overrides,
-        ],
-    )
-    return evaluate_module.evaluate(cfg), tmp_path / "reports", model_dir
+    return run_eval_with_scorer(tmp_path, data_dir, monkeypatch, NoisyOracleScorer, *overrides)
 
 
 @pytest.fixture(scope="module")
