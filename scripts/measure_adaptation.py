@@ -15,6 +15,7 @@ the default recipe (it is trained otherwise). The table goes to stdout and repor
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -58,6 +59,16 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="train", overrides=overrides)
 
 
+def _file_identity(value):
+    """A data setting as compared between runs: a path becomes its file's sha256 (or its name if absent)."""
+    if not (isinstance(value, str) and "/" in value):
+        return value
+    path = Path(value) if Path(value).is_absolute() else ROOT / value
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return Path(value).name
+
+
 def recipe_matches(model_dir: Path) -> tuple[bool, str]:
     """Whether ``model_dir`` was trained with the default recipe (what differs, if not)."""
     import yaml
@@ -78,9 +89,9 @@ def recipe_matches(model_dir: Path) -> tuple[bool, str]:
         if key == "trainer":
             a = {k: v for k, v in (a or {}).items() if k not in IGNORED_TRAINER}
             b = {k: v for k, v in (b or {}).items() if k not in IGNORED_TRAINER}
-        if key == "data":  # the same files, wherever the repository lives
-            a = {k: Path(v).name if isinstance(v, str) and "/" in v else v for k, v in (a or {}).items()}
-            b = {k: Path(v).name if isinstance(v, str) and "/" in v else v for k, v in (b or {}).items()}
+        if key == "data":  # the same file contents, wherever they live
+            a = {k: _file_identity(v) for k, v in (a or {}).items() if k not in ("dir", "log_dir")}
+            b = {k: _file_identity(v) for k, v in (b or {}).items() if k not in ("dir", "log_dir")}
         if a != b:
             diffs.append(key)
     return not diffs, ("differs in " + ", ".join(diffs)) if diffs else "matches the default recipe"
@@ -139,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--dry-run", action="store_true", help="print the overlap and the commands, train nothing"
     )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Hydra override for every adapted variant (e.g. adapt.mlm.epochs=1); repeatable",
+    )
     ap.add_argument("--output", default=str(ROOT / "reports" / "adaptation" / "measure.json"))
     args = ap.parse_args(argv)
     real = Path(args.shared) / "data" / "real"
@@ -171,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = ["experiment=default", f"experiment_name={name}"] + [
             o.format(**fill) for o in VARIANTS[variant]
         ]
+        if variant != "baseline":
+            overrides += args.set
         cmd = ["nice", "-n", "10", sys.executable, "-m", "kefu_triage.train", *overrides]
         print("$ " + " ".join(cmd), flush=True)
         if args.dry_run:
@@ -209,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {variant} | " + " | ".join(cells) + f" | {wall} | {extra} |")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"overlap": overlap, "rounds": args.rounds, "results": results}, indent=2))
+    out.write_text(
+        json.dumps(
+            {"overlap": overlap, "rounds": args.rounds, "overrides": args.set, "results": results}, indent=2
+        )
+    )
     print(f"\nwritten {out} (wall times were taken on a shared machine unless it was quiet)")
     return 0
 

@@ -138,3 +138,19 @@ def test_unlabeled_messages_join_the_transfer_set(smoke, tmp_path):
 def test_missing_teacher_is_a_clear_error(smoke, tmp_path):
     with pytest.raises(DistillError, match="no teacher model"):
         distill(_cfg(tmp_path, smoke, f"distill.teacher_dir={tmp_path / 'nope'}"), tmp_path / "run")
+
+
+def test_distill_follows_the_lr_schedule_setting(smoke, tmp_path):
+    with pytest.raises(ValueError, match="distill.lr_schedule"):
+        distill(_cfg(tmp_path / "bad", smoke, "distill.lr_schedule=wavy"), tmp_path / "bad" / "run")
+    lrs = {}
+    for schedule in ("linear", "constant_with_warmup"):
+        root = tmp_path / schedule
+        cfg = _cfg(root, smoke, f"distill.lr_schedule={schedule}")
+        distill(cfg, root / "run")
+        lrs[schedule] = [
+            json.loads(x)["lr"] for x in (root / "run" / "train_log.jsonl").read_text().splitlines()
+        ]
+    # after the last epoch a linear schedule has decayed to 0; a constant one is still at the peak rate
+    assert lrs["linear"][-1] == 0.0
+    assert lrs["constant_with_warmup"] == [float(cfg.distill.lr)] * len(lrs["constant_with_warmup"])

@@ -23,9 +23,9 @@ import random
 import re
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -745,42 +745,18 @@ def _dialogue_row(
 
 def _switch_row(
     intent: str,
-    split: str,
     families: list[Dialogue],
-    alone: Mapping[tuple[str, str], list[Template]],
-    cues: Mapping[str, list[str]],
-    lex: Mapping[str, Any],
     settings: Mapping[str, Any],
     rng: random.Random,
-    urgent_rate: float,
-    refund_rate: float,
-    noise_rate: float,
-    affix_rate: float,
-    refund_intent: bool,
+    alone_row: Callable[[str, random.Random], dict[str, Any] | None],
 ) -> dict[str, Any] | None:
-    """A message that stands alone (a template of ``intent`` without fixed context) after previous turns
-    about another topic: the context must not decide the label here."""
+    """A message that stands alone (``alone_row``: a template of ``intent`` without fixed context) after
+    previous turns about another topic: the context must not decide the label here."""
     others = [f for f in families if f.intent != intent]
     # one in five after the same topic: the message decides, whatever the context is about
     same = [f for f in families if f.intent == intent]
     pool = same if same and rng.random() < 0.2 else others
-    rec = (
-        _template_row(
-            intent,
-            split,
-            alone,
-            cues,
-            lex,
-            rng,
-            urgent_rate,
-            refund_rate,
-            noise_rate,
-            affix_rate,
-            refund_intent,
-        )
-        if others
-        else None
-    )
+    rec = alone_row(intent, rng) if others else None
     if rec is None:
         return None
     return {**rec, "context": topic_context(pool, intent, settings, rng), "source": "dialogue_switch"}
@@ -973,22 +949,25 @@ class _SplitRows:
 
 def _template_row(
     intent: str,
-    split: str,
+    rng: random.Random,
     pools: Mapping[tuple[str, str], list[Template]],
+    *,
+    split: str,
     cues: Mapping[str, list[str]],
     lex: Mapping[str, Any],
-    rng: random.Random,
-    urgent_rate: float,
+    urgent_rates: Mapping[str, float],
     refund_rate: float,
     noise_rate: float,
     affix_rate: float,
-    refund_intent: bool,
+    refund_intents: frozenset[str],
 ) -> dict[str, Any] | None:
-    """One template row of ``intent`` from the split's own templates (None when it has none)."""
+    """One template row of ``intent`` from the split's own templates (None when it has none). Everything
+    after ``pools`` is fixed for a split (``generate_splits`` binds it once with functools.partial)."""
     pool = pools.get((split, intent))
     if not pool:
         return None
-    if refund_intent:  # recoverable and firm both well represented, whatever the template counts
+    urgent_rate = urgent_rates[intent]
+    if intent in refund_intents:  # recoverable and firm both well represented, whatever the template counts
         want = int(rng.random() < refund_rate)
         pool = [t for t in pool if t.refund == want] or pool
     calm, hot = [t for t in pool if not t.urgent], [t for t in pool if t.urgent]
@@ -1115,9 +1094,21 @@ def generate_splits(
     }
     earlier: set[str] = set()
     out: dict[str, list[dict[str, Any]]] = {}
+    refund_intents = frozenset(i for i in intents if taxonomy.route_of(i) == "refund_triage")
     for split in SPLITS:
         bucket = _SplitRows(earlier, lex)
         n_dup = n_leak = n_redrawn = 0
+        template_row = partial(
+            _template_row,
+            split=split,
+            cues=cues,
+            lex=lex,
+            urgent_rates=urgent_rate,
+            refund_rate=refund_recoverable_rate,
+            noise_rate=noise_rate,
+            affix_rate=affix_rate,
+            refund_intents=refund_intents,
+        )
         # 1. seed messages of this split's groups (subsampled per intent only when the split is too small)
         split_seeds = [s for s in seeds if split_of[f"seed:{s['seed_id']}"] == split]
         budget = math.floor(split_sizes[split] * max_seed_share * (1 - dialogue_share))
@@ -1197,21 +1188,7 @@ def generate_splits(
             while made < n_switch and attempts < 8 * n_switch + 20:
                 attempts += 1
                 intent = drng.choices(switch_intents, [mix[i] for i in switch_intents])[0]
-                rec = _switch_row(
-                    intent,
-                    split,
-                    fams,
-                    alone,
-                    cues,
-                    lex,
-                    settings,
-                    drng,
-                    urgent_rate[intent],
-                    refund_recoverable_rate,
-                    noise_rate,
-                    affix_rate,
-                    taxonomy.route_of(intent) == "refund_triage",
-                )
+                rec = _switch_row(intent, fams, settings, drng, partial(template_row, pools=alone))
                 status = bucket.add(rec) if rec is not None else "none"
                 made += status == "ok"
                 n_dlg_redrawn += status == "leaked"
@@ -1225,23 +1202,10 @@ def generate_splits(
         }
         quotas = largest_remainder(max(split_sizes[split] - len(bucket.rows), 0), need)
         for intent in intents:
-            refund_intent = taxonomy.route_of(intent) == "refund_triage"
             made = attempts = 0
             while made < quotas[intent] and attempts < 8 * quotas[intent] + 20:
                 attempts += 1
-                rec = _template_row(
-                    intent,
-                    split,
-                    pools,
-                    cues,
-                    lex,
-                    rng,
-                    urgent_rate[intent],
-                    refund_recoverable_rate,
-                    noise_rate,
-                    affix_rate,
-                    refund_intent,
-                )
+                rec = template_row(intent, rng, pools)
                 if rec is None:
                     break
                 status = bucket.add(rec)
@@ -1253,19 +1217,7 @@ def generate_splits(
         while order and len(bucket.rows) < split_sizes[split] and attempts < 4 * split_sizes[split] + 100:
             attempts += 1
             intent = rng.choices(order, [mix[i] for i in order])[0]
-            rec = _template_row(
-                intent,
-                split,
-                pools,
-                cues,
-                lex,
-                rng,
-                urgent_rate[intent],
-                refund_recoverable_rate,
-                noise_rate,
-                affix_rate,
-                taxonomy.route_of(intent) == "refund_triage",
-            )
+            rec = template_row(intent, rng, pools)
             n_redrawn += bucket.add(rec) == "leaked"
         rows = bucket.rows[: split_sizes[split]]
         rng.shuffle(rows)

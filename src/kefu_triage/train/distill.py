@@ -58,8 +58,11 @@ from kefu_triage.train.loop import (
     _seed_everything,
     _set_rng_state,
     _StopFlag,
+    check_lr_schedule,
     finalize_model_dir,
     find_resume_dir,
+    new_training_state,
+    optimizer_and_schedule,
     write_train_log,
 )
 
@@ -333,9 +336,8 @@ def _load_teacher(teacher_dir: Path):
 def distill(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Distil ``distill.teacher_dir`` into a smaller student; the best dev epoch is saved into ``run_dir/model``
     and published to ``distill.publish_dir``. Returns a summary (best epoch, dev figures, sizes)."""
-    from transformers import get_linear_schedule_with_warmup
-
     d = cfg.distill
+    schedule = check_lr_schedule(d.get("lr_schedule", "linear"), "distill.lr_schedule")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _seed_everything(d.seed)
@@ -371,16 +373,7 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         transfer += unlabeled
     origins = {o: sum(r["origin"] == o for r in transfer) for o in ("train", "augmented", "unlabeled")}
 
-    state = {
-        "epoch": 0,
-        "batch_in_epoch": 0,
-        "global_step": 0,
-        "best_score": -1.0,
-        "best_epoch": -1,
-        "epoch_loss_sum": 0.0,
-        "epoch_batches": 0,
-        "history": [],
-    }
+    state = new_training_state()
     ckpt_dir = run_dir / CHECKPOINT_DIR
     resume_from = None
     if d.resume:
@@ -415,21 +408,9 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     del teacher
 
     sampler = LengthGroupedSampler(data.lengths, int(d.batch_size), int(d.seed))
-    no_decay = ("bias", "LayerNorm.weight")
-    params = [
-        {
-            "params": [p for n, p in student.named_parameters() if not any(x in n for x in no_decay)],
-            "weight_decay": float(d.weight_decay),
-        },
-        {
-            "params": [p for n, p in student.named_parameters() if any(x in n for x in no_decay)],
-            "weight_decay": 0.0,
-        },
-    ]
-    optimizer = torch.optim.AdamW(params, lr=float(d.lr))
     total_steps = max(len(sampler) * int(d.epochs), 1)
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(float(d.warmup_ratio) * total_steps), total_steps
+    optimizer, scheduler = optimizer_and_schedule(
+        student, d.lr, d.weight_decay, schedule, d.warmup_ratio, total_steps
     )
     refund_ids = torch.tensor([taxonomy.intent_id(n) for n in taxonomy.refund_intents], dtype=torch.long)
     if resume_from is not None:

@@ -45,6 +45,59 @@ STATE_FILE = "trainer_state.json"
 LR_SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 
 
+def check_lr_schedule(name: Any, key: str) -> str:
+    """``name`` if it is one of LR_SCHEDULES; a ValueError naming the config key otherwise."""
+    if str(name) not in LR_SCHEDULES:
+        raise ValueError(f"{key} must be one of {list(LR_SCHEDULES)}, got {name!r}")
+    return str(name)
+
+
+def optimizer_and_schedule(
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    schedule: str,
+    warmup_ratio: float,
+    total_steps: int,
+):
+    """AdamW (no decay on biases and norms) and the warm-up + ``schedule`` learning-rate schedule, as
+    fine-tuning and distillation both use them."""
+    from transformers import get_scheduler
+
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm", "ln")
+    named = list(model.named_parameters())
+    params = [
+        {
+            "params": [p for n, p in named if not any(x in n for x in no_decay)],
+            "weight_decay": float(weight_decay),
+        },
+        {"params": [p for n, p in named if any(x in n for x in no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(params, lr=float(lr))
+    scheduler = get_scheduler(
+        schedule,
+        optimizer,
+        num_warmup_steps=int(float(warmup_ratio) * total_steps),
+        num_training_steps=total_steps,
+    )
+    return optimizer, scheduler
+
+
+def new_training_state() -> dict[str, Any]:
+    """The resumable progress of a training or distillation run (saved as JSON beside each checkpoint)."""
+    return {
+        "epoch": 0,
+        "batch_in_epoch": 0,
+        "global_step": 0,
+        "best_score": -1.0,
+        "best_epoch": -1,
+        "bad_epochs": 0,
+        "epoch_loss_sum": 0.0,
+        "epoch_batches": 0,
+        "history": [],
+    }
+
+
 class TrainingInterrupted(RuntimeError):
     """Raised after a resumable checkpoint was saved because of a signal or ``stop_after_steps``."""
 
@@ -234,7 +287,6 @@ def find_resume_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train, keep the best dev checkpoint, save it into ``run_dir/model`` and publish to ``publish_dir``."""
     from accelerate import Accelerator
-    from transformers import get_scheduler
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -244,9 +296,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
         return self_train(cfg, run_dir)
     t = cfg.trainer
-    schedule = str(t.get("lr_schedule", "linear"))
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"trainer.lr_schedule must be one of {list(LR_SCHEDULES)}, got {schedule!r}")
+    schedule = check_lr_schedule(t.get("lr_schedule", "linear"), "trainer.lr_schedule")
     _seed_everything(t.seed)
     taxonomy = taxonomy_from_config(cfg.taxonomy)
     splits = load_split_records(cfg.data, taxonomy)
@@ -276,42 +326,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         collate_fn=make_collator(tokenizer),
         num_workers=0,
     )
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm", "ln")
-    params = [
-        {
-            "params": [p for n, p in model.named_parameters() if not any(x in n for x in no_decay)],
-            "weight_decay": cfg.model.weight_decay,
-        },
-        {
-            "params": [p for n, p in model.named_parameters() if any(x in n for x in no_decay)],
-            "weight_decay": 0.0,
-        },
-    ]
-    optimizer = torch.optim.AdamW(params, lr=cfg.model.lr)
     # accelerate's prepared scheduler advances num_processes times per optimizer step (each process sees
     # 1/num_processes of the batches), so the schedule is laid out in single-process steps
     total_steps = max(math.ceil(len(sampler) / t.grad_accum_steps) * t.max_epochs, 1)
-    scheduler = get_scheduler(
-        schedule,
-        optimizer,
-        num_warmup_steps=int(cfg.model.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
+    optimizer, scheduler = optimizer_and_schedule(
+        model, cfg.model.lr, cfg.model.weight_decay, schedule, cfg.model.warmup_ratio, total_steps
     )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     # accelerate saves and restores these with the checkpoint (model, optimizer, scheduler, RNGs)
 
     resume_rng = None
-    state = {
-        "epoch": 0,
-        "batch_in_epoch": 0,
-        "global_step": 0,
-        "best_score": -1.0,
-        "best_epoch": -1,
-        "bad_epochs": 0,
-        "epoch_loss_sum": 0.0,
-        "epoch_batches": 0,
-        "history": [],
-    }
+    state = new_training_state()
     ckpt_dir = run_dir / CHECKPOINT_DIR
     resume_from = None
     if t.resume:
