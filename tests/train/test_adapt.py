@@ -224,6 +224,58 @@ def test_self_training_keeps_only_confident_consistent_turns():
     assert sorted(r["text"] for r in rows) == ["消息0", "消息1"]
 
 
+def test_self_training_keep_fraction_ranks_the_pool_and_settings_are_checked():
+    taxonomy = load_taxonomy()
+    n, c = len(taxonomy.intent_names), 0
+    det = np.full((10, n), 0.01)
+    det[:, c] = np.linspace(0.2, 0.65, 10)  # never above 0.7, like the real model on real turns
+    probs = {"intent": det, "mc_intent": np.stack([det, det]), "urgent": np.full(10, 0.5)}
+    probs["refund"] = np.full(10, 0.5)
+    records = [{"text": f"消息{i}", "context": []} for i in range(10)]
+    st = {"confidence": None, "keep_fraction": 0.3, "min_agreement": 1.0, "binary_confidence": 0.9}
+    rows, figures = select_pseudo_labels(probs, records, taxonomy, st, 1)
+    assert [r["text"] for r in rows] == ["消息7", "消息8", "消息9"]  # the 30% most confident
+    assert figures["kept"] == 3 and figures["confidence_quantiles"]["0.5"] < 0.5
+    rows, _ = select_pseudo_labels(probs, records, taxonomy, {**st, "confidence": 0.64}, 1)
+    assert [r["text"] for r in rows] == ["消息9"]  # both filters apply
+    rows, _ = select_pseudo_labels(
+        probs, records, taxonomy, {**st, "confidence": 0.9, "keep_fraction": None}, 1
+    )
+    assert rows == []
+    with pytest.raises(A.AdaptationError, match="set confidence, keep_fraction or both"):
+        _settings_of("adapt.self_training.confidence=null", "adapt.self_training.keep_fraction=null")
+    with pytest.raises(A.AdaptationError, match=r"keep_fraction must be in \(0, 1\]"):
+        _settings_of("adapt.self_training.keep_fraction=0")
+
+
+def _settings_of(*overrides):
+    from kefu_triage.train.self_training import _settings
+
+    return _settings(compose("train", ["experiment=smoke", *overrides]))
+
+
+def test_self_training_that_keeps_nothing_stops_with_the_quantiles(tmp_path):
+    from kefu_triage.train.loop import ensure_data, train
+
+    root = tmp_path / "root"
+    cfg = _cfg(
+        root,
+        write_unlabeled(tmp_path / "turns.jsonl", n=32, seed=2),
+        "adapt.mlm.enabled=false",
+        "adapt.self_training.rounds=1",
+        "adapt.self_training.confidence=1.0",
+        "adapt.self_training.keep_fraction=null",
+        "adapt.self_training.mc_passes=1",
+        "data.max_train_examples=64",
+        "data.max_dev_examples=32",
+        "trainer.max_epochs=1",
+        "trainer.checkpoint_every_steps=0",
+    )
+    ensure_data(cfg)
+    with pytest.raises(A.AdaptationError, match=r"round 1: no unlabelled turn passed the filter.*quantiles"):
+        train(cfg, root / "run")
+
+
 def test_dapt_and_self_training_compose_with_smoke_training(tmp_path):
     from kefu_triage.train.loop import ensure_data, train
 
@@ -235,6 +287,7 @@ def test_dapt_and_self_training_compose_with_smoke_training(tmp_path):
         "adapt.mlm.epochs=1",
         "adapt.self_training.rounds=1",
         "adapt.self_training.confidence=0.0",  # a tiny model is never sure: test the agreement filter
+        "adapt.self_training.keep_fraction=null",
         "adapt.self_training.mc_passes=2",
         "adapt.self_training.min_agreement=0.5",
         "data.max_train_examples=192",

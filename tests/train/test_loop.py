@@ -255,3 +255,25 @@ def test_cosine_schedule_keeps_a_higher_rate_mid_run_and_unknown_schedules_are_r
     assert lrs["cosine"][0] > lrs["linear"][0] and lrs["cosine"][-1] < 1e-3 * lrs["cosine"][0] + 1e-12
     with pytest.raises(ValueError, match="trainer.lr_schedule"):
         train(_cfg(tmp_path / "bad", smoke, "trainer.lr_schedule=wavy"), tmp_path / "bad" / "run")
+
+
+def test_heads_learn_at_head_lr_scale_times_the_encoder_rate(smoke):
+    from kefu_triage.model.multitask import load_model
+    from kefu_triage.train.loop import optimizer_and_schedule
+
+    model, _ = load_model(smoke["model_dir"])
+    optimizer, scheduler = optimizer_and_schedule(model, 1e-4, 0.01, "linear", 0.0, 10, head_lr_scale=10)
+    rates = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            rates[id(p)] = (group["lr"], group["weight_decay"])
+    named = dict(model.named_parameters())
+    assert len(rates) == len(named)  # every parameter in exactly one group
+    assert rates[id(named["intent_head.weight"])] == (1e-3, 0.01)
+    assert rates[id(named["urgent_head.bias"])] == (1e-3, 0.0)
+    encoder_weight = next(n for n in named if n.startswith("encoder.") and n.endswith("dense.weight"))
+    assert rates[id(named[encoder_weight])] == (1e-4, 0.01)
+    scheduler.step()  # the schedule scales each group from its own rate
+    assert optimizer.param_groups[-1]["lr"] / optimizer.param_groups[0]["lr"] == pytest.approx(10)
+    with pytest.raises(ValueError, match="head_lr_scale must be > 0"):
+        optimizer_and_schedule(model, 1e-4, 0.01, "linear", 0.0, 10, head_lr_scale=0)

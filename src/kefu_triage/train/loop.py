@@ -59,20 +59,28 @@ def optimizer_and_schedule(
     schedule: str,
     warmup_ratio: float,
     total_steps: int,
+    head_lr_scale: float = 1.0,
 ):
     """AdamW (no decay on biases and norms) and the warm-up + ``schedule`` learning-rate schedule, as
-    fine-tuning and distillation both use them."""
+    fine-tuning and distillation both use them. The three heads learn at ``head_lr_scale`` x ``lr``: they
+    start from random weights on top of pooled states that differ little between messages, so at the
+    encoder's rate their logits stay small for the whole run (an under-fitted, under-confident model)."""
     from transformers import get_scheduler
 
+    if not float(head_lr_scale) > 0:
+        raise ValueError(f"trainer.head_lr_scale must be > 0, got {head_lr_scale!r}")
     no_decay = ("bias", "LayerNorm.weight", "layer_norm", "ln")
-    named = list(model.named_parameters())
-    params = [
-        {
-            "params": [p for n, p in named if not any(x in n for x in no_decay)],
-            "weight_decay": float(weight_decay),
-        },
-        {"params": [p for n, p in named if any(x in n for x in no_decay)], "weight_decay": 0.0},
-    ]
+    heads = ("intent_head.", "urgent_head.", "refund_head.")
+    params = []
+    for is_head in (False, True):
+        named = [(n, p) for n, p in model.named_parameters() if n.startswith(heads) == is_head]
+        rate = float(lr) * (float(head_lr_scale) if is_head else 1.0)
+        for decay in (True, False):
+            group = [p for n, p in named if any(x in n for x in no_decay) != decay]
+            if group:
+                params.append(
+                    {"params": group, "weight_decay": float(weight_decay) if decay else 0.0, "lr": rate}
+                )
     optimizer = torch.optim.AdamW(params, lr=float(lr))
     scheduler = get_scheduler(
         schedule,
@@ -330,7 +338,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     # 1/num_processes of the batches), so the schedule is laid out in single-process steps
     total_steps = max(math.ceil(len(sampler) / t.grad_accum_steps) * t.max_epochs, 1)
     optimizer, scheduler = optimizer_and_schedule(
-        model, cfg.model.lr, cfg.model.weight_decay, schedule, cfg.model.warmup_ratio, total_steps
+        model,
+        cfg.model.lr,
+        cfg.model.weight_decay,
+        schedule,
+        cfg.model.warmup_ratio,
+        total_steps,
+        head_lr_scale=t.get("head_lr_scale", 1.0),
     )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     # accelerate saves and restores these with the checkpoint (model, optimizer, scheduler, RNGs)
