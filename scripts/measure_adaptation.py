@@ -115,6 +115,8 @@ def text_overlap(unlabeled: Path, eval_files: list[Path]) -> dict[str, int]:
 
 
 def score(model_dir: Path, eval_files: list[Path]) -> dict[str, dict[str, float]]:
+    """Per file: intent accuracy and macro-F1, plus accuracy on ``difficulty: hard`` rows when it has them."""
+    import numpy as np
     from sklearn.metrics import f1_score
 
     from kefu_triage.data.records import read_examples
@@ -126,11 +128,13 @@ def score(model_dir: Path, eval_files: list[Path]) -> dict[str, dict[str, float]
     for f in eval_files:
         records = read_examples(f, taxonomy)
         pred = predict_logits(model, tokenizer, records)["intent_logits"].argmax(1)
-        true = [taxonomy.intent_id(r["intent"]) for r in records]
+        true = np.array([taxonomy.intent_id(r["intent"]) for r in records])
+        hard = np.array([r.get("difficulty") == "hard" for r in records])
         out[f.name] = {
             "n": len(records),
             "intent_accuracy": round(float((pred == true).mean()), 4),
             "intent_macro_f1": round(float(f1_score(true, pred, average="macro", zero_division=0)), 4),
+            "needs_context_accuracy": round(float((pred == true)[hard].mean()), 4) if hard.any() else None,
         }
     return out
 

@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from measure_adaptation import score  # noqa: E402  (the same real-set scorer as the adaptation measurement)
+
 CLI = [str(Path(sys.executable).parent / "kefu-triage")]
 
 
@@ -35,26 +38,6 @@ def run(cmd: list[str], dry: bool, env: dict | None = None) -> None:
     print("$ " + " ".join(str(c) for c in cmd), flush=True)
     if not dry:
         subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True, env=env)
-
-
-def score(model_dir: Path, gold: Path) -> dict[str, float]:
-    import numpy as np
-    from sklearn.metrics import f1_score
-
-    from kefu_triage.data.records import read_examples
-    from kefu_triage.model.multitask import load_model, predict_logits
-
-    model, tokenizer = load_model(model_dir)
-    taxonomy = model.config.get_taxonomy()
-    records = read_examples(gold, taxonomy)
-    pred = predict_logits(model, tokenizer, records)["intent_logits"].argmax(1)
-    true = np.array([taxonomy.intent_id(r["intent"]) for r in records])
-    hard = np.array([r.get("difficulty") == "hard" for r in records])
-    return {
-        "intent_accuracy": round(float((pred == true).mean()), 4),
-        "intent_macro_f1": round(float(f1_score(true, pred, average="macro", zero_division=0)), 4),
-        "needs_context_accuracy": round(float((pred == true)[hard].mean()), 4) if hard.any() else None,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         log.close()
         results[strategy]["wall_s"] = round(time.time() - start, 1)
-        results[strategy]["gold"] = score(ROOT / "models" / f"loop_{strategy}", gold)
+        results[strategy]["gold"] = score(ROOT / "models" / f"loop_{strategy}", [gold])[gold.name]
     print(f"\n| strategy | added | {gold.name} acc | macro-F1 | needs-context acc | train wall min |")
     print("|---|---|---|---|---|---|")
     for strategy, r in results.items():

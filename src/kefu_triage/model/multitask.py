@@ -114,6 +114,8 @@ class KefuTriageModel(PreTrainedModel):
     base_model_prefix = "encoder"
     supports_gradient_checkpointing = True
     _supports_attention_backend = False
+    # the output layers on top of the pooled state (training gives them their own learning rate)
+    HEAD_MODULES = ("intent_head", "urgent_head", "refund_head")
 
     def __init__(self, config: KefuTriageConfig):
         super().__init__(config)

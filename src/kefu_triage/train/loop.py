@@ -70,7 +70,7 @@ def optimizer_and_schedule(
     if not float(head_lr_scale) > 0:
         raise ValueError(f"trainer.head_lr_scale must be > 0, got {head_lr_scale!r}")
     no_decay = ("bias", "LayerNorm.weight", "layer_norm", "ln")
-    heads = ("intent_head.", "urgent_head.", "refund_head.")
+    heads = tuple(f"{name}." for name in KefuTriageModel.HEAD_MODULES)
     params = []
     for is_head in (False, True):
         named = [(n, p) for n, p in model.named_parameters() if n.startswith(heads) == is_head]
