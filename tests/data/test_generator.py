@@ -96,6 +96,15 @@ def test_same_seed_same_output_other_seed_differs(generated):
     assert group_splits(seed=3) != group_splits(seed=4)
 
 
+def test_fill_seed_draws_fresh_rows_from_the_same_groups(generated):
+    assert generate_splits(seed=3, size=4000, fill_seed=3) == generated  # the default fill seed is the seed
+    fresh = generate_splits(seed=3, size=4000, fill_seed=11)
+    assignment = group_splits(seed=3)
+    for split in SPLITS:
+        assert {assignment[r["group_id"]] for r in fresh[split]} == {split}
+    assert len({r["text"] for r in fresh["train"]} - {r["text"] for r in generated["train"]}) > 500
+
+
 def test_size_is_exact_and_split_by_fraction(generated):
     n = {s: len(generated[s]) for s in SPLITS}
     assert sum(n.values()) == 4000

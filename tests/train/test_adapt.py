@@ -272,7 +272,11 @@ def test_self_training_that_keeps_nothing_stops_with_the_quantiles(tmp_path):
         "trainer.checkpoint_every_steps=0",
     )
     ensure_data(cfg)
-    with pytest.raises(A.AdaptationError, match=r"round 1: no unlabelled turn passed the filter.*quantiles"):
+    with pytest.raises(
+        A.AdaptationError,
+        match=r"round 1: no unlabelled turn passed the filter.*quantiles.*lower adapt.self_training.confidence "
+        r"\(now 1.0\) or adapt.self_training.min_agreement \(now .*\), or set keep_fraction",
+    ):
         train(cfg, root / "run")
 
 

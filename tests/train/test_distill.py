@@ -9,8 +9,18 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import compose
+from kefu_triage.core.taxonomy import taxonomy_from_config
+from kefu_triage.data.generator import normalise_text
+from kefu_triage.data.records import read_examples
 from kefu_triage.model.multitask import load_model, predict_logits
-from kefu_triage.train.distill import DistillError, distill, make_student, read_unlabeled, select_layers
+from kefu_triage.train.distill import (
+    DistillError,
+    distill,
+    generated_rows,
+    make_student,
+    read_unlabeled,
+    select_layers,
+)
 from kefu_triage.train.loop import TrainingInterrupted
 
 
@@ -127,12 +137,32 @@ def test_unlabeled_messages_join_the_transfer_set(smoke, tmp_path):
         _cfg(tmp_path, smoke, f"adapt.unlabeled_file={pool}", "distill.epochs=1", "distill.augment.copies=0"),
         tmp_path / "run",
     )
-    assert summary["transfer_rows"] == {"train": 160, "augmented": 0, "unlabeled": 30}
+    assert summary["transfer_rows"] == {"train": 160, "augmented": 0, "generated": 0, "unlabeled": 30}
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "好的"}\n{"txt": "oops"}\n', encoding="utf-8")
     with pytest.raises(DistillError, match=r"bad.jsonl:2: text: missing"):
         read_unlabeled(bad, None, 0)
+
+
+def test_generated_rows_come_from_training_groups_and_repeat_no_held_out_text(smoke, tmp_path):
+    cfg = _cfg(tmp_path, smoke, "distill.generated_size=1300", "distill.epochs=1", "distill.augment.copies=0")
+    taxonomy = taxonomy_from_config(cfg.taxonomy)
+    splits = {s: read_examples(cfg.data[f"{s}_file"], taxonomy) for s in ("train", "dev", "test")}
+    rows = generated_rows(cfg.data, 1300, 7, taxonomy, splits["train"][:160])  # as distill caps it
+    assert rows and all(r["origin"] == "generated" and r["intent"] for r in rows)
+    for split in ("dev", "test"):
+        assert not {r["group_id"] for r in rows} & {r["group_id"] for r in splits[split]}
+    known = {normalise_text(r["text"]) for rs in splits.values() for r in rs if rs is not splits["train"]}
+    known |= {normalise_text(r["text"]) for r in splits["train"][:160]}
+    assert not known & {normalise_text(r["text"]) for r in rows}
+    # the data on disk was generated with split seed 13: with another seed some groups would leak
+    other = cfg.data.copy()
+    other.generator.seed = 14
+    with pytest.raises(DistillError, match="held-out groups.*regenerate the data"):
+        generated_rows(other, 1300, 7, taxonomy, splits["train"])
+    summary = distill(cfg, tmp_path / "run")
+    assert summary["transfer_rows"]["generated"] == len(rows)
 
 
 def test_missing_teacher_is_a_clear_error(smoke, tmp_path):

@@ -277,3 +277,30 @@ def test_heads_learn_at_head_lr_scale_times_the_encoder_rate(smoke):
     assert optimizer.param_groups[-1]["lr"] / optimizer.param_groups[0]["lr"] == pytest.approx(10)
     with pytest.raises(ValueError, match="head_lr_scale must be > 0"):
         optimizer_and_schedule(model, 1e-4, 0.01, "linear", 0.0, 10, head_lr_scale=0)
+
+
+def test_ema_weights_are_published_and_resume_exactly(smoke, tmp_path):
+    ema = "trainer.ema_decay=0.9"
+    a = train(_cfg(tmp_path / "a", smoke, ema, "trainer.keep_checkpoint=true"), tmp_path / "a" / "run")
+    published = _weights(tmp_path / "a" / "run" / "model")
+    raw = load_file(str(tmp_path / "a" / "run" / "checkpoint" / "accelerate" / "model.safetensors"))
+    assert (tmp_path / "a" / "run" / "checkpoint" / "ema_state.pt").is_file()
+    # the best epoch's average is published, not the last step's raw weights
+    assert any(not torch.allclose(published[k], raw[k]) for k in raw if k in published)
+    train(_cfg(tmp_path / "p", smoke), tmp_path / "p" / "run")
+    plain = _weights(tmp_path / "p" / "run" / "model")
+    assert any(not torch.allclose(published[k], plain[k]) for k in plain)
+
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(tmp_path / "c", smoke, ema, "trainer.stop_after_steps=4"), tmp_path / "c" / "run")
+    resumed = train(
+        _cfg(
+            tmp_path / "c", smoke, ema, "trainer.resume=true", f"trainer.resume_dir={tmp_path / 'c' / 'run'}"
+        ),
+        tmp_path / "c" / "run2",
+    )
+    assert _dev(resumed) == _dev(a)
+    again = _weights(tmp_path / "c" / "run2" / "model")
+    assert all(torch.allclose(published[k], again[k], atol=1e-6) for k in published)
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        train(_cfg(tmp_path / "bad", smoke, "trainer.ema_decay=1.5"), tmp_path / "bad" / "run")

@@ -88,6 +88,21 @@ def stats_markdown(stats: dict[str, Any], taxonomy: Taxonomy) -> str:
     return "\n".join(lines)
 
 
+def generator_arguments(g: Any) -> dict[str, Any]:
+    """``generate_splits`` keyword arguments from a ``data.generator`` config block."""
+    args = {
+        "seed": int(g.seed),
+        "size": int(g.size),
+        "dev_fraction": float(g.dev_fraction),
+        "test_fraction": float(g.test_fraction),
+    }
+    # optional settings pass through only when configured (older configs lack them)
+    for key, cast in (("dialogue_share", float), ("max_seed_share", float), ("seed_variants", int)):
+        if g.get(key) is not None:
+            args[key] = cast(g[key])
+    return args
+
+
 def prepare_data(cfg: DictConfig) -> dict[str, Any]:
     """Generate, validate, check and write the splits into ``cfg.data.dir``; returns the stats."""
     g = cfg.data.get("generator")
@@ -97,16 +112,8 @@ def prepare_data(cfg: DictConfig) -> dict[str, Any]:
             "generates the embedded dataset (data=embedded)"
         )
     taxonomy = taxonomy_from_config(cfg.taxonomy)
-    # optional generator settings pass through only when configured (older configs lack them)
-    options = {key: float(g[key]) for key in ("dialogue_share",) if g.get(key) is not None}
-    generated = generate_splits(
-        seed=int(g.seed),
-        size=int(g.size),
-        dev_fraction=float(g.dev_fraction),
-        test_fraction=float(g.test_fraction),
-        taxonomy=taxonomy,
-        **options,
-    )
+    arguments = generator_arguments(g)
+    generated = generate_splits(**arguments, taxonomy=taxonomy)
     # the validator user data goes through: a generator bug fails here, naming the split and row
     splits = {split: validate_examples(generated[split], taxonomy, f"generated {split}") for split in SPLITS}
     report = check_splits(splits)
@@ -123,14 +130,7 @@ def prepare_data(cfg: DictConfig) -> dict[str, Any]:
         }
     stats = {
         "taxonomy": {"source": taxonomy.source, "intents": taxonomy.intent_names},
-        "generator": {
-            "seed": int(g.seed),
-            "size": int(g.size),
-            "dev_fraction": float(g.dev_fraction),
-            "test_fraction": float(g.test_fraction),
-            **options,
-            "report": gen_stats,
-        },
+        "generator": {**arguments, "report": gen_stats},
         "splits": per_split,
         "split_check": {**report.to_dict(), "summary": report.summary()},
     }

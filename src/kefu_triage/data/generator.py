@@ -1010,6 +1010,7 @@ def generate_splits(
     max_seed_share: float = 0.6,
     refund_recoverable_rate: float = 0.5,
     dialogue_share: float = 0.2,
+    fill_seed: int | None = None,
 ) -> dict[str, Any]:
     """{"train": [...], "dev": [...], "test": [...], "stats": {...}}.
 
@@ -1027,6 +1028,8 @@ def generate_splits(
     per intent (counted).
     dev/test rows whose normalised text occurs in an earlier split are dropped (seeds) or redrawn
     (templates) and counted in ``stats``.
+    ``seed`` alone decides which groups go to which split; ``fill_seed`` (default ``seed``) seeds everything
+    drawn inside them, so another ``fill_seed`` gives fresh rows from the same training groups.
     """
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise GeneratorError(f"size must be a positive integer, got {size!r}")
@@ -1053,7 +1056,7 @@ def generate_splits(
     split_of = _assign_all(
         seeds, res.templates, len(lex["urgent_cues"]), seed, dev_fraction, test_fraction, res.dialogues
     )
-    rng = random.Random(seed)
+    rng = random.Random(seed if fill_seed is None else fill_seed)
 
     present = {t.intent for t in res.templates} | {s["intent"] for s in seeds}
     intents = [i for i in taxonomy.intent_names if i in present]

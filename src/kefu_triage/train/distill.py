@@ -161,6 +161,48 @@ def augment(
     return out
 
 
+def generated_rows(
+    data_cfg: Any, size: int, fill_seed: int, taxonomy: Taxonomy, train_records: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Fresh labelled rows from the training split's own seeds, templates and dialogues: the data's generator
+    run again at ``size`` with the same split seed (so the same groups are training groups) and another
+    ``fill_seed``; texts already in the training split or in any held-out file (whole, not capped) are left
+    out."""
+    from kefu_triage.data.embedded import generator_arguments
+    from kefu_triage.data.generator import generate_splits, normalise_text
+    from kefu_triage.data.records import read_examples
+
+    g = data_cfg.get("generator")
+    if not g:
+        raise DistillError(
+            f"distill.generated_size={size}: data={data_cfg.get('name')} has no generator settings (only the "
+            "embedded dataset can be generated again); set distill.generated_size=0"
+        )
+    held_out = [
+        r
+        for split in ("dev", "test", "eval")
+        if data_cfg.get(f"{split}_file") and Path(data_cfg[f"{split}_file"]).is_file()
+        for r in read_examples(data_cfg[f"{split}_file"], taxonomy, drop_invalid=True)
+    ]
+    args = {**generator_arguments(g), "size": int(size), "fill_seed": int(fill_seed)}
+    rows = generate_splits(**args, taxonomy=taxonomy)["train"]
+    leaked = sorted({r["group_id"] for r in rows} & {r.get("group_id") for r in held_out})
+    if leaked:  # the data on disk came from another split seed, or from other seeds/templates
+        raise DistillError(
+            f"distill.generated_size: {leaked[:3]} are training groups for data.generator.seed={g.seed} but "
+            f"held-out groups in {data_cfg.dir}; regenerate the data (`make data`) or set "
+            "distill.generated_size=0"
+        )
+    seen = {normalise_text(r["text"]) for r in train_records + held_out}
+    out = []
+    for r in rows:
+        key = normalise_text(r["text"])
+        if key not in seen:
+            seen.add(key)
+            out.append({**r, "origin": "generated"})
+    return out
+
+
 def read_unlabeled(
     path: str | Path,
     max_rows: int | None,
@@ -359,9 +401,13 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         float(d.augment.affix_rate),
         taxonomy,
     )
+    held_out = [r for name, rows in splits.items() if name != "train" for r in rows]
+    if int(d.get("generated_size") or 0) > 0:
+        transfer += generated_rows(
+            cfg.data, int(d.generated_size), int(d.augment.seed), taxonomy, train_records
+        )
     unlabeled_report = None
     if d.get("unlabeled_file"):
-        held_out = [r for name, rows in splits.items() if name != "train" for r in rows]
         unlabeled, unlabeled_report = read_unlabeled(
             d.unlabeled_file,
             d.get("max_unlabeled_rows"),
@@ -371,7 +417,9 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             bool(d.get("drop_invalid", False)),
         )
         transfer += unlabeled
-    origins = {o: sum(r["origin"] == o for r in transfer) for o in ("train", "augmented", "unlabeled")}
+    origins = {
+        o: sum(r["origin"] == o for r in transfer) for o in ("train", "augmented", "generated", "unlabeled")
+    }
 
     state = new_training_state()
     ckpt_dir = run_dir / CHECKPOINT_DIR

@@ -229,11 +229,17 @@ def self_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             pseudo, figures = select_pseudo_labels(probs, pool, taxonomy, st, r)
             del teacher
             if not pseudo:  # another training on the labelled data alone would only cost time
+                loosen = [
+                    f"adapt.self_training.{name} (now {st[name]})"
+                    for name in ("confidence", "min_agreement")
+                    if st.get(name)
+                ]
                 raise AdaptationError(
                     f"self-training round {r}: no unlabelled turn passed the filter (confidence "
-                    f"{st['confidence']}, min_agreement {st['min_agreement']}); the teacher's confidence "
-                    f"quantiles on the pool are {figures['confidence_quantiles']}: lower "
-                    "adapt.self_training.confidence or use keep_fraction"
+                    f"{st['confidence']}, min_agreement {st['min_agreement']}, keep_fraction "
+                    f"{st.get('keep_fraction')}); the teacher's confidence quantiles on the pool are "
+                    f"{figures['confidence_quantiles']}: lower {' or '.join(loosen) or 'nothing (no filter set)'}"
+                    + ("" if st.get("keep_fraction") else ", or set keep_fraction")
                 )
             train_file = rd / "train_with_pseudo_labels.jsonl"
             atomic_write_jsonl(train_file, [*splits["train"], *pseudo])
