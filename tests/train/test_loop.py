@@ -304,3 +304,33 @@ def test_ema_weights_are_published_and_resume_exactly(smoke, tmp_path):
     assert all(torch.allclose(published[k], again[k], atol=1e-6) for k in published)
     with pytest.raises(ValueError, match="ema_decay must be in"):
         train(_cfg(tmp_path / "bad", smoke, "trainer.ema_decay=1.5"), tmp_path / "bad" / "run")
+
+
+def test_rdrop_penalises_disagreement_between_dropout_passes(smoke, tmp_path):
+    from kefu_triage.model.multitask import load_model
+    from kefu_triage.train.loop import rdrop_loss
+
+    model, tokenizer = load_model(smoke["model_dir"])
+    batch = dict(tokenizer(["我要退货", "快递到哪了", "再不处理我就投诉"], padding=True, return_tensors="pt"))
+    batch.update(
+        intent_labels=torch.tensor([0, 1, 2]),
+        urgent_labels=torch.tensor([0, 0, 1]),
+        refund_labels=torch.tensor([1, -1, -1]),
+    )
+    model.eval()  # no dropout: both passes agree, so R-Drop is exactly the supervised loss
+    with torch.no_grad():
+        loss, out = rdrop_loss(model, batch, alpha=1.0)
+        assert out.intent_logits.shape[0] == 6
+        assert loss.item() == pytest.approx(model(**batch).loss.item(), abs=1e-5)
+    model.train()
+    torch.manual_seed(0)
+    loss, out = rdrop_loss(model, batch, alpha=1.0)
+    assert loss.item() > out.loss.item() + 1e-6  # two dropout masks disagree: a positive KL term
+    loss.backward()
+    assert model.intent_head.weight.grad is not None
+
+    plain = train(_cfg(tmp_path / "p", smoke), tmp_path / "p" / "run")
+    rdrop = train(_cfg(tmp_path / "r", smoke, "trainer.rdrop_alpha=1.0"), tmp_path / "r" / "run")
+    assert _dev(rdrop) != _dev(plain)
+    with pytest.raises(ValueError, match="rdrop_alpha must be a number >= 0"):
+        train(_cfg(tmp_path / "bad", smoke, "trainer.rdrop_alpha=-1"), tmp_path / "bad" / "run")
