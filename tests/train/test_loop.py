@@ -311,7 +311,11 @@ def test_rdrop_penalises_disagreement_between_dropout_passes(smoke, tmp_path):
     from kefu_triage.train.loop import rdrop_loss
 
     model, tokenizer = load_model(smoke["model_dir"])
-    batch = dict(tokenizer(["我要退货", "快递到哪了", "再不处理我就投诉"], padding=True, return_tensors="pt"))
+    batch = dict(
+        tokenizer(
+            ["这双鞋我想退掉", "我的快递现在到哪里了", "再不处理我就投诉"], padding=True, return_tensors="pt"
+        )
+    )
     batch.update(
         intent_labels=torch.tensor([0, 1, 2]),
         urgent_labels=torch.tensor([0, 0, 1]),
