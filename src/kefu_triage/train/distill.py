@@ -401,13 +401,13 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         float(d.augment.affix_rate),
         taxonomy,
     )
-    held_out = [r for name, rows in splits.items() if name != "train" for r in rows]
     if int(d.get("generated_size") or 0) > 0:
         transfer += generated_rows(
             cfg.data, int(d.generated_size), int(d.augment.seed), taxonomy, train_records
         )
     unlabeled_report = None
     if d.get("unlabeled_file"):
+        held_out = [r for name, rows in splits.items() if name != "train" for r in rows]
         unlabeled, unlabeled_report = read_unlabeled(
             d.unlabeled_file,
             d.get("max_unlabeled_rows"),

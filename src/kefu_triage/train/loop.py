@@ -329,18 +329,15 @@ def rdrop_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], alpha: fl
     lists for text that differs from the training distribution."""
     import torch.nn.functional as F
 
+    def symmetric_kl(log_probs: torch.Tensor) -> torch.Tensor:  # between the two halves of the doubled batch
+        p, q = log_probs.chunk(2)
+        kl = F.kl_div(p, q, log_target=True, reduction="batchmean")
+        return 0.5 * (kl + F.kl_div(q, p, log_target=True, reduction="batchmean"))
+
     out = model(**{k: torch.cat([v, v]) for k, v in batch.items()})
-    p, q = out.intent_logits.float().log_softmax(-1).chunk(2)
-    kl = 0.5 * (
-        F.kl_div(p, q, log_target=True, reduction="batchmean")
-        + F.kl_div(q, p, log_target=True, reduction="batchmean")
-    )
     u = out.urgent_logit.float()
-    log_u = torch.stack([F.logsigmoid(u), F.logsigmoid(-u)], -1)  # Bernoulli as a 2-class distribution
-    a, b = log_u.chunk(2)
-    kl = kl + 0.5 * (
-        F.kl_div(a, b, log_target=True, reduction="batchmean")
-        + F.kl_div(b, a, log_target=True, reduction="batchmean")
+    kl = symmetric_kl(out.intent_logits.float().log_softmax(-1)) + symmetric_kl(
+        torch.stack([F.logsigmoid(u), F.logsigmoid(-u)], -1)  # Bernoulli as a 2-class distribution
     )
     return out.loss + alpha * kl, out
 
