@@ -120,6 +120,17 @@ def test_predict_logits_keeps_input_order(model_and_tokenizer):
     np.testing.assert_allclose(full["intent_logits"][1], one["intent_logits"][0], atol=1e-5)
 
 
+def test_predict_logits_progress_bar_counts_batches_and_changes_nothing(model_and_tokenizer, capsys):
+    model, tok = model_and_tokenizer
+    recs = [{"text": t} for t in ("好", "在吗", "快递到哪了", "我要退货", "发票")]
+    quiet = predict_logits(model.eval(), tok, recs, batch_size=2)
+    assert "teacher outputs" not in capsys.readouterr().err
+    shown = predict_logits(model, tok, recs, batch_size=2, progress="teacher outputs")
+    bar = capsys.readouterr().err
+    assert "teacher outputs" in bar and "3/3" in bar  # 5 records in batches of 2
+    np.testing.assert_allclose(shown["intent_logits"], quiet["intent_logits"], atol=1e-6)
+
+
 def test_pooling_validated():
     with pytest.raises(ValueError, match="pooling"):
         KefuTriageConfig(pooling="max")

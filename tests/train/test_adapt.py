@@ -69,6 +69,7 @@ def _cfg(root: Path, unlabeled: Path, *extra: str):
             "adapt.mlm.lr=1e-3",
             "adapt.mlm.checkpoint_every_steps=0",
             *extra,
+            *([] if any("head_warmup" in e for e in extra) else ["adapt.mlm.head_warmup_ratio=0"]),
         ],
     )
 
@@ -128,6 +129,24 @@ def test_dapt_changes_the_encoder_caches_and_resumes_exactly(tmp_path):
     assert manifest_b["built"] and manifest_b["key"] == manifest["key"]
     assert all(torch.allclose(v, _encoder_weights(resumed)[k], atol=1e-5) for k, v in adapted.items())
     assert not list((tmp_path / "b" / "cache" / "adapted").glob(".*.partial"))  # the checkpoint is consumed
+
+
+def test_head_warmup_trains_the_head_and_leaves_the_encoder_alone(tmp_path):
+    unlabeled = write_unlabeled(tmp_path / "turns.jsonl", n=56)
+    cfg = _cfg(tmp_path, unlabeled, "adapt.mlm.head_warmup_ratio=0.99")  # all 8 steps of this run
+    base = _encoder_weights(load_encoder(cfg.model)[0])
+    enc, _, manifest = A.adapt_encoder(cfg)
+    assert manifest["spec"]["settings"]["head_warmup_ratio"] == 0.99  # part of the cache key
+    assert manifest["stats"]["mlm_loss_after"] < manifest["stats"]["mlm_loss_before"]  # the head learnt
+    assert all(torch.equal(v, _encoder_weights(enc)[k]) for k, v in base.items())  # tied embeddings too
+    # a short warm-up: the encoder learns after it
+    enc2, _, _ = A.adapt_encoder(_cfg(tmp_path, unlabeled, "adapt.mlm.head_warmup_ratio=0.25"))
+    assert not torch.equal(
+        _encoder_weights(enc2)["encoder.layer.0.attention.self.query.weight"],
+        base["encoder.layer.0.attention.self.query.weight"],
+    )
+    with pytest.raises(A.AdaptationError, match="adapt.mlm.head_warmup_ratio"):
+        A.adapt_encoder(_cfg(tmp_path, unlabeled, "adapt.mlm.head_warmup_ratio=1.5"))
 
 
 def test_masking_keeps_words_and_cjk_runs_whole():

@@ -305,19 +305,30 @@ def predict_logits(
     records: Sequence[dict[str, Any]],
     batch_size: int = 64,
     pooled: bool = False,
+    progress: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Raw logits of the three heads for records with ``text`` (and optional ``context``); with ``pooled``
-    also the pooled encoder state under POOLED_OUTPUT ([N, hidden], for novelty)."""
+    also the pooled encoder state under POOLED_OUTPUT ([N, hidden], for novelty). ``progress``: label of a
+    progress bar over the batches (long scoring runs; None = no bar)."""
     model.eval()
     keys = OUTPUT_NAMES + ((POOLED_OUTPUT,) if pooled else ())
     outs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     inverse, batches = length_ordered_batches(model, tokenizer, records, batch_size)
-    for batch in batches:
+    for batch in batch_progress(batches, len(records), batch_size, progress):
         out = model(**batch)
         for k in keys:
             outs[k].append(getattr(out, k).float().cpu().numpy())
     result = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in outs.items()}
     return {k: v[inverse] for k, v in result.items()}
+
+
+def batch_progress(batches, n_records: int, batch_size: int, label: str | None):
+    """``batches`` wrapped in a tqdm bar labelled ``label`` (unchanged when ``label`` is None)."""
+    if label is None:
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, total=-(-n_records // batch_size), desc=label, unit="batch", dynamic_ncols=True)
 
 
 def length_ordered_batches(

@@ -38,6 +38,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import random
 import shutil
 import sys
@@ -68,6 +69,7 @@ RESULT_SETTINGS = (
     "mlm_probability",
     "max_span",
     "warmup_ratio",
+    "head_warmup_ratio",
     "weight_decay",
     "max_examples",
     "eval_fraction",
@@ -318,18 +320,20 @@ def mlm_model(encoder, seed: int):
     return model
 
 
-def mlm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the masked positions (head applied to those only) and their count."""
+def mlm_loss(model, batch: dict[str, torch.Tensor], train_encoder: bool = True) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the masked positions (head applied to those only) and their count. With
+    ``train_encoder`` False the encoder runs without a graph (head warm-up: only the head learns)."""
     labels = batch["labels"]
-    hidden = model.bert(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        token_type_ids=batch["token_type_ids"],
-    ).last_hidden_state
+    with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
+        hidden = model.bert(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+        ).last_hidden_state
     sel = labels != -100
     n = int(sel.sum())
     if n == 0:  # nothing masked (a very short batch): keep the graph, no signal
-        return hidden.sum() * 0.0, 0
+        return model.cls(hidden[:, 0]).sum() * 0.0, 0
     logits = model.cls(hidden[sel])
     return torch.nn.functional.cross_entropy(logits, labels[sel]), n
 
@@ -395,6 +399,7 @@ def adapt_encoder(cfg: DictConfig, exclude_records: list[dict[str, Any]] = ()) -
             "mlm_probability": 0.15,
             "max_span": 3,
             "warmup_ratio": 0.1,
+            "head_warmup_ratio": 0.0,
             "weight_decay": 0.01,
             "max_examples": None,
             "eval_fraction": 0.05,
@@ -406,6 +411,10 @@ def adapt_encoder(cfg: DictConfig, exclude_records: list[dict[str, Any]] = ()) -
     for name in ("epochs", "batch_size", "max_span"):
         if not isinstance(mlm[name], int) or mlm[name] < 1:
             raise AdaptationError(f"adapt.mlm.{name} must be a positive integer, got {mlm[name]!r}")
+    if not 0 <= float(mlm["head_warmup_ratio"]) < 1:
+        raise AdaptationError(
+            f"adapt.mlm.head_warmup_ratio must be in [0, 1), got {mlm['head_warmup_ratio']!r}"
+        )
     if not 0 < float(mlm["mlm_probability"]) < 1:
         raise AdaptationError(f"adapt.mlm.mlm_probability must be in (0, 1), got {mlm['mlm_probability']!r}")
     records, data_report = load_unlabeled(adapt, exclude_records)
@@ -562,6 +571,11 @@ def _run_mlm(
                 tmp / STATE_FILE, {**state, "seconds_before": state["seconds_before"] + time.time() - started}
             )
 
+    # The MLM head starts untrained (the e5 encoders ship without one): for the first head_warmup_ratio of the
+    # steps the encoder is frozen, so the head's first, random gradients do not move the representation
+    # fine-tuning starts from (docs/adaptation.md).
+    head_warmup = math.ceil(float(mlm.get("head_warmup_ratio") or 0.0) * total)
+    encoder_params = list(model.bert.parameters())
     stop_after = mlm.get("stop_after_steps")
     every = int(mlm.get("checkpoint_every_steps") or 0)
     show = bool(cfg.trainer.get("progress_bar", True))
@@ -580,8 +594,13 @@ def _run_mlm(
             )
             for b in bar:
                 batch = masker([train_ex[i] for i in batches[b]], _batch_key(seed, epoch, b))
-                loss, _ = mlm_loss(model, {k: v.to(device) for k, v in batch.items()})
+                head_only = state["step"] < head_warmup
+                loss, _ = mlm_loss(model, {k: v.to(device) for k, v in batch.items()}, not head_only)
                 loss.backward()
+                # the decoder is tied to the word embeddings: during warm-up they stay as they are too
+                if head_only:
+                    for p in encoder_params:
+                        p.grad = None
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 scheduler.step()

@@ -445,7 +445,11 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             f"{len(test_records)} test messages"
         )
         targets = predict_logits(
-            teacher, tokenizer, transfer + dev_records + test_records, batch_size=int(d.teacher_batch_size)
+            teacher,
+            tokenizer,
+            transfer + dev_records + test_records,
+            batch_size=int(d.teacher_batch_size),
+            progress="teacher outputs" if d.progress_bar else None,
         )
     n_transfer, n_dev = len(transfer), len(dev_records)
     teacher_dev = {k: v[n_transfer : n_transfer + n_dev] for k, v in targets.items()}

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from kefu_triage.core.fileio import atomic_directory, atomic_write_jsonl, atomic_write_text
 from kefu_triage.core.taxonomy import Taxonomy, taxonomy_from_config
 from kefu_triage.data.records import load_split_records
-from kefu_triage.model.multitask import length_ordered_batches, load_model
+from kefu_triage.model.multitask import batch_progress, length_ordered_batches, load_model
 from kefu_triage.train.adapt import AdaptationError, adapt_settings, load_unlabeled
 
 LOG_FILE = "self_training.jsonl"
@@ -77,16 +77,22 @@ def _settings(cfg: DictConfig) -> dict[str, Any]:
 
 @torch.no_grad()
 def mc_probabilities(
-    model, tokenizer, records: list[dict[str, Any]], passes: int, batch_size: int = 64, seed: int = 0
+    model,
+    tokenizer,
+    records: list[dict[str, Any]],
+    passes: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Eval-mode probabilities and ``passes`` dropout-on passes: {"intent": [N, C], "urgent": [N],
-    "refund": [N], "mc_intent": [passes, N, C]} (deterministic for a seed)."""
+    "refund": [N], "mc_intent": [passes, N, C]} (deterministic for a seed); ``progress`` labels a bar."""
     det = {"intent": [], "urgent": [], "refund": []}
     mc: list[list[np.ndarray]] = [[] for _ in range(passes)]
     inverse, batches = length_ordered_batches(model, tokenizer, records, batch_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        for batch in batches:
+        for batch in batch_progress(batches, len(records), batch_size, progress):
             model.eval()
             out = model(**batch)
             det["intent"].append(torch.softmax(out.intent_logits.float(), -1).cpu().numpy())
@@ -225,6 +231,9 @@ def self_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 int(st["mc_passes"]),
                 int(st["batch_size"]),
                 seed=int(cfg.trainer.seed) + r,
+                progress=f"round {r}: pseudo-labelling ({1 + int(st['mc_passes'])} passes)"
+                if cfg.trainer.get("progress_bar", True)
+                else None,
             )
             pseudo, figures = select_pseudo_labels(probs, pool, taxonomy, st, r)
             del teacher
