@@ -112,6 +112,31 @@ def test_save_and_reload_give_identical_outputs(model_and_tokenizer, tmp_path):
     assert AutoConfig.from_pretrained(tmp_path).get_taxonomy().intent_names == TAX.intent_names
 
 
+def test_reloaded_model_keeps_its_class_weights_and_loss(model_and_tokenizer, tmp_path):
+    """The class weights are a non-persistent buffer: reloading must rebuild them from the config, not leave
+    uninitialised memory (which gave a NaN loss in one test session)."""
+    model, tok = model_and_tokenizer
+    weights = [0.5 + 0.1 * i for i in range(len(TAX.intent_names))]
+    model.config.intent_class_weights = weights
+    model._set_class_weights()
+    try:
+        model.save_pretrained(tmp_path)
+        tok.save_pretrained(tmp_path)
+        again, _ = load_model(tmp_path)
+        auto = AutoModel.from_pretrained(tmp_path)
+        for m in (again, auto):
+            np.testing.assert_allclose(m.intent_class_weights.numpy(), weights, rtol=1e-6)
+        batch = _batch(tok)
+        batch.update(intent_labels=torch.tensor([1, 2, 3, 4]), urgent_labels=torch.tensor([0, 0, 1, 0]))
+        with torch.no_grad():
+            assert again.eval()(**batch).loss.item() == pytest.approx(
+                model.eval()(**batch).loss.item(), abs=1e-5
+            )
+    finally:
+        model.config.intent_class_weights = None
+        model._set_class_weights()
+
+
 def test_predict_logits_keeps_input_order(model_and_tokenizer):
     model, tok = model_and_tokenizer
     recs = [{"text": "好"}, {"text": "快递三天没动了，急用！我明天要出差"}, {"text": "在吗"}]

@@ -127,13 +127,26 @@ class KefuTriageModel(PreTrainedModel):
         self.intent_head = nn.Linear(hidden, config.num_intents)
         self.urgent_head = nn.Linear(hidden, 1)
         self.refund_head = nn.Linear(hidden, 1)
-        weights = config.intent_class_weights
+        self._set_class_weights()
+        self.post_init()
+
+    def _set_class_weights(self) -> None:
+        weights = self.config.intent_class_weights
         self.register_buffer(
             "intent_class_weights",
-            torch.tensor(weights if weights is not None else [1.0] * config.num_intents, dtype=torch.float32),
+            torch.tensor(
+                weights if weights is not None else [1.0] * self.config.num_intents, dtype=torch.float32
+            ),
             persistent=False,
         )
-        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        # transformers builds the model without initialising it and then loads the saved tensors only: the
+        # non-persistent class-weight buffer would be left as uninitialised memory (a garbage or NaN loss)
+        model._set_class_weights()
+        return model
 
     def _init_weights(self, module: nn.Module) -> None:
         # BERT's initialisation; pretrained weights overwrite the encoder's afterwards
