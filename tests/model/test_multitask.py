@@ -147,7 +147,7 @@ def test_predict_logits_keeps_input_order(model_and_tokenizer):
 
 def test_predict_logits_progress_bar_counts_batches_and_changes_nothing(model_and_tokenizer, capsys):
     model, tok = model_and_tokenizer
-    recs = [{"text": t} for t in ("好", "在吗", "快递到哪了", "我要退货", "发票")]
+    recs = [{"text": t} for t in ("您好呀亲", "请问在不在线", "快递到哪了", "这件我想退掉", "开发票的事找谁")]
     quiet = predict_logits(model.eval(), tok, recs, batch_size=2)
     assert "teacher outputs" not in capsys.readouterr().err
     shown = predict_logits(model, tok, recs, batch_size=2, progress="teacher outputs")
