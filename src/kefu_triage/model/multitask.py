@@ -326,8 +326,8 @@ def predict_logits(
     model.eval()
     keys = OUTPUT_NAMES + ((POOLED_OUTPUT,) if pooled else ())
     outs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    inverse, batches = length_ordered_batches(model, tokenizer, records, batch_size)
-    for batch in batch_progress(batches, len(records), batch_size, progress):
+    inverse, batches = length_ordered_batches(model, tokenizer, records, batch_size, progress)
+    for batch in batches:
         out = model(**batch)
         for k in keys:
             outs[k].append(getattr(out, k).float().cpu().numpy())
@@ -335,20 +335,16 @@ def predict_logits(
     return {k: v[inverse] for k, v in result.items()}
 
 
-def batch_progress(batches, n_records: int, batch_size: int, label: str | None):
-    """``batches`` wrapped in a tqdm bar labelled ``label`` (unchanged when ``label`` is None)."""
-    if label is None:
-        return batches
-    from tqdm.auto import tqdm
-
-    return tqdm(batches, total=-(-n_records // batch_size), desc=label, unit="batch", dynamic_ncols=True)
-
-
 def length_ordered_batches(
-    model: KefuTriageModel, tokenizer, records: Sequence[dict[str, Any]], batch_size: int
+    model: KefuTriageModel,
+    tokenizer,
+    records: Sequence[dict[str, Any]],
+    batch_size: int,
+    progress: str | None = None,
 ):
     """``(inverse, batches)``: padded model-input batches on the model's device, records sorted by text length
-    (less padding); ``inverse`` puts row-wise outputs concatenated over the batches back in input order."""
+    (less padding); ``inverse`` puts row-wise outputs concatenated over the batches back in input order.
+    ``progress``: label of a tqdm bar over the batches (None = no bar)."""
     cfg = model.config
     order = sorted(range(len(records)), key=lambda i: len(records[i]["text"]))
     device = next(model.parameters()).device
@@ -367,4 +363,10 @@ def length_ordered_batches(
             )
             yield {k: v.to(device) for k, v in batch.items()}
 
-    return np.argsort(np.asarray(order, dtype=int)), batches()
+    inverse = np.argsort(np.asarray(order, dtype=int))
+    if progress is None:
+        return inverse, batches()
+    from tqdm.auto import tqdm
+
+    total = -(-len(order) // batch_size)
+    return inverse, tqdm(batches(), total=total, desc=progress, unit="batch", dynamic_ncols=True)

@@ -574,7 +574,7 @@ def _run_mlm(
     # The MLM head starts untrained (the e5 encoders ship without one): for the first head_warmup_ratio of the
     # steps the encoder is frozen, so the head's first, random gradients do not move the representation
     # fine-tuning starts from (docs/adaptation.md).
-    head_warmup = math.ceil(float(mlm.get("head_warmup_ratio") or 0.0) * total)
+    head_warmup = math.ceil(float(mlm["head_warmup_ratio"]) * total)
     encoder_params = list(model.bert.parameters())
     stop_after = mlm.get("stop_after_steps")
     every = int(mlm.get("checkpoint_every_steps") or 0)

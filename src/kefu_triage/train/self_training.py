@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from kefu_triage.core.fileio import atomic_directory, atomic_write_jsonl, atomic_write_text
 from kefu_triage.core.taxonomy import Taxonomy, taxonomy_from_config
 from kefu_triage.data.records import load_split_records
-from kefu_triage.model.multitask import batch_progress, length_ordered_batches, load_model
+from kefu_triage.model.multitask import length_ordered_batches, load_model
 from kefu_triage.train.adapt import AdaptationError, adapt_settings, load_unlabeled
 
 LOG_FILE = "self_training.jsonl"
@@ -89,10 +89,10 @@ def mc_probabilities(
     "refund": [N], "mc_intent": [passes, N, C]} (deterministic for a seed); ``progress`` labels a bar."""
     det = {"intent": [], "urgent": [], "refund": []}
     mc: list[list[np.ndarray]] = [[] for _ in range(passes)]
-    inverse, batches = length_ordered_batches(model, tokenizer, records, batch_size)
+    inverse, batches = length_ordered_batches(model, tokenizer, records, batch_size, progress)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        for batch in batch_progress(batches, len(records), batch_size, progress):
+        for batch in batches:
             model.eval()
             out = model(**batch)
             det["intent"].append(torch.softmax(out.intent_logits.float(), -1).cpu().numpy())
