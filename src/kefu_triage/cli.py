@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="onnxruntime intra-op threads (default: all cores)",
     )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="onnxruntime calls run side by side (int8 files: --workers <cores> --threads 1 is fastest)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=32)
 
     p = sub.add_parser(

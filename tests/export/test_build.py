@@ -22,7 +22,9 @@ def test_artifact_is_fused_quantised_and_self_describing(smoke):
     art = smoke["artifact"]
     manifest = json.loads((art / "triage.json").read_text())
     assert manifest["fused_ops"].get("Attention", 0) == 2  # one per layer of the tiny encoder
-    assert manifest["fused_ops"].get("SkipLayerNormalization", 0) >= 2
+    # residual + LayerNorm left unfused on purpose (faster at message shapes, export.build.optimize)
+    assert "SkipLayerNormalization" not in manifest["fused_ops"]
+    assert manifest["fused_ops"].get("LayerNormalization", 0) >= 4
     assert (
         manifest["parity"]["fp32_max_abs_prob_diff"] <= 1e-4
         and manifest["parity"]["int8_route_agreement"] >= 0.99

@@ -46,3 +46,14 @@ def test_batched_int8_is_an_explicit_choice_and_fp32_batches(smoke):
     assert fp32.batch_size == 16
     alone = np.concatenate([fp32.score([t])["intent_logits"] for t in TEXTS])
     np.testing.assert_allclose(fp32.score(TEXTS)["intent_logits"], alone, atol=1e-5)
+
+
+def test_side_by_side_workers_return_the_same_scores_in_input_order(smoke):
+    serial = TriageModel.load(smoke["artifact"], precision="int8", threads=1)
+    parallel = TriageModel.load(smoke["artifact"], precision="int8", threads=1, workers=3)
+    texts = TEXTS * 5 + ["我的订单号是多少来着，帮我查一下物流到哪了，急用" * 2]
+    want, got = serial.score(texts), parallel.score(texts)
+    assert parallel._pool is not None  # the calls really ran on the pool
+    for k, v in want.items():
+        assert np.array_equal(v, got[k]), k
+    assert parallel.predict(texts) == serial.predict(texts)

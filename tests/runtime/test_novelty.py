@@ -35,6 +35,17 @@ def test_novelty_ranks_far_points_higher_and_round_trips(tmp_path):
     np.testing.assert_allclose(loaded.score(near), s_near, rtol=1e-4, atol=1e-5)
 
 
+def test_distance_is_squared_mahalanobis_to_the_nearest_class_mean():
+    rng = np.random.default_rng(1)
+    x, y, _ = _gaussians(rng)
+    model = NoveltyModel.fit(x, y, _gaussians(rng, 100)[0])
+    points = rng.normal(0, 3, (5, 8))
+    diff = points[:, None, :] - model.means[None]  # [5, K, D]
+    expected = np.einsum("nkd,de,nke->nk", diff, model.precision, diff).min(1)
+    np.testing.assert_allclose(model.distance(points), expected, rtol=1e-9)
+    np.testing.assert_allclose(model.distance(points[2:3]), expected[2:3], rtol=1e-9)  # alone = in a batch
+
+
 def test_malformed_statistics_named(tmp_path):
     bad = tmp_path / "novelty.npz"
     bad.write_bytes(b"not a zip")

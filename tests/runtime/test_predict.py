@@ -62,6 +62,16 @@ def test_predict_texts_prints_json(artifact, capsys):
     assert all(x["route"] in ("bot", "human") for x in lines)
 
 
+def test_predict_workers_give_the_same_lines(artifact, tmp_path, capsys):
+    texts = ["快递三天没动了，急用！", "在吗", "发票抬头写错了能重开吗", "我要投诉", "衣服小了想换大一码"] * 3
+    assert cli_main(["predict", "--artifact", artifact, *texts]) == 0
+    serial = capsys.readouterr().out
+    assert cli_main(["predict", "--artifact", artifact, "--workers", "2", "--threads", "1", *texts]) == 0
+    assert capsys.readouterr().out == serial
+    with pytest.raises(SystemExit):
+        cli_main(["predict", "--artifact", artifact, "--workers", "0", "在吗"])
+
+
 def test_predict_file_accounts_for_every_line_in_order(artifact, tmp_path, capsys):
     turns = [
         {"role": "customer", "text": "在吗"},

@@ -179,6 +179,9 @@ def test_bad_load_arguments(smoke):
         TriageModel.load(smoke["artifact"], precision="fp16")
     with pytest.raises(ValueError, match="threads"):
         TriageModel.load(smoke["artifact"], threads=0)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="workers"):
+            TriageModel.load(smoke["artifact"], workers=bad)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

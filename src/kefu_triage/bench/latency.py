@@ -23,13 +23,13 @@ from omegaconf import DictConfig
 
 from kefu_triage.data.records import read_examples
 from kefu_triage.model.multitask import load_model, predict_logits
-from kefu_triage.runtime.model import TriageModel
+from kefu_triage.runtime.model import TriageModel, inference_session
 
 # Peak RSS from /proc/self/status VmHWM: ru_maxrss would report the parent's (torch-laden) peak, which
 # Linux carries across fork+exec.
 RSS_PROBE = """
 import json, sys
-from kefu_triage.runtime.model import TriageModel
+from kefu_triage.runtime.model import TriageModel, inference_session
 m = TriageModel.load(sys.argv[1], precision="int8")
 texts = json.loads(sys.argv[2])
 for i in range(0, len(texts), 32):
@@ -65,8 +65,6 @@ def _throughput(fn, messages: list[dict[str, Any]], batch: int) -> float:
 def teacher_onnx_session(model, tokenizer, directory: Path, threads: int):
     """The teacher as optimised fp32 ONNX, exported like `make export` does (no int8, no gate): the teacher
     ONNX row needs no teacher artifact."""
-    import onnxruntime as ort
-
     from kefu_triage.export.build import export_onnx, optimize
 
     path = directory / "teacher.onnx"
@@ -77,13 +75,19 @@ def teacher_onnx_session(model, tokenizer, directory: Path, threads: int):
         export_onnx(model, names, directory / "teacher.raw.onnx", 17)
         enc = model.encoder.config
         optimize(directory / "teacher.raw.onnx", path, enc.num_attention_heads, enc.hidden_size)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return inference_session(path, threads)
+
+
+def _int8_side_by_side(path: Path, threads: int, batch_size: int):
+    """The throughput setup of a one-message-per-call int8 runtime: ``threads`` workers of one intra-op
+    thread each (what `kefu-triage serve` runs for int8), instead of one call at a time on ``threads``."""
+    rt = TriageModel.load(path, precision="int8", threads=1, batch_size=batch_size, workers=threads)
+    return functools.partial(_score_artifact, rt), f"{threads} workers x 1 thread"
 
 
 def _engines(cfg: DictConfig, threads: int, models: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    """name -> scoring function, in table order: teacher eager, teacher ONNX, shipped eager, shipped ONNX."""
+    """name -> scoring function, in table order: teacher eager, teacher ONNX, shipped eager, shipped ONNX.
+    int8 engines are (latency function, throughput function, throughput setup)."""
     engines: dict[str, Any] = {}
     shipped = "student" if "teacher" in models else "model"
     artifact = Path(cfg.artifact_dir)
@@ -101,6 +105,10 @@ def _engines(cfg: DictConfig, threads: int, models: dict[str, Any], tmp: Path) -
                     cfg.teacher_artifact_dir, precision=p, threads=threads, batch_size=cfg.batch_size
                 )
                 engines[f"teacher_onnx_{p}"] = functools.partial(_score_artifact, rt)
+            engines["teacher_onnx_int8"] = (
+                engines["teacher_onnx_int8"],
+                *_int8_side_by_side(Path(cfg.teacher_artifact_dir), threads, cfg.batch_size),
+            )
         else:  # the shipped artifact's tokenizer and input contract (the student keeps the teacher's)
             rt = TriageModel(
                 artifact,
@@ -114,6 +122,11 @@ def _engines(cfg: DictConfig, threads: int, models: dict[str, Any], tmp: Path) -
         engines[f"{shipped}_pytorch_eager"] = functools.partial(_score_torch, *models["shipped"])
     for p, rt in runtimes.items():
         engines[f"{shipped}_onnx_{p}"] = functools.partial(_score_artifact, rt)
+    if threads > 1:
+        engines[f"{shipped}_onnx_int8"] = (
+            engines[f"{shipped}_onnx_int8"],
+            *_int8_side_by_side(artifact, threads, cfg.batch_size),
+        )
     return engines
 
 
@@ -143,7 +156,8 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
         models["shipped"] = load_model(cfg.model_dir)
     with tempfile.TemporaryDirectory(prefix="kefu-bench-") as tmp:
         for threads in cfg.threads:
-            for name, fn in _engines(cfg, threads, models, Path(tmp)).items():
+            for name, engine in _engines(cfg, threads, models, Path(tmp)).items():
+                fn, thr_fn, setup = engine if isinstance(engine, tuple) else (engine, engine, None)
                 lat = _latencies(fn, lat_msgs, cfg.warmup)
                 row = results["engines"][f"{name}@{threads}t"] = {
                     "engine": name,
@@ -151,11 +165,12 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
                     "p50_ms": float(np.percentile(lat, 50)),
                     "p95_ms": float(np.percentile(lat, 95)),
                     "p99_ms": float(np.percentile(lat, 99)),
-                    "throughput_msg_s": _throughput(fn, thr_msgs, cfg.batch_size),
+                    "throughput_msg_s": _throughput(thr_fn, thr_msgs, cfg.batch_size),
+                    "throughput_setup": setup or f"one call at a time, {threads} thread(s)",
                 }
                 print(
                     f"  {name:24s} {threads}t  p50 {row['p50_ms']:7.2f} ms  msg/s@{cfg.batch_size} "
-                    f"{row['throughput_msg_s']:7.0f}"
+                    f"{row['throughput_msg_s']:7.0f}" + (f" ({setup})" if setup else "")
                 )
     for row in results["engines"].values():  # ratios within one run hold even when absolute times move
         base = results["engines"].get(f"teacher_pytorch_eager@{row['threads']}t")
@@ -247,9 +262,9 @@ def _cpu_name() -> str:
 
 def format_table(results: dict[str, Any]) -> str:
     rows = [
-        "| engine | threads | p50 ms | p95 ms | p99 ms | msg/s (batch) | p50 × vs teacher eager | "
+        "| engine | threads | p50 ms | p95 ms | p99 ms | msg/s (batch) | msg/s setup | p50 × vs teacher eager | "
         "msg/s × vs teacher eager |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["engines"].values():
         ratios = " | ".join(
@@ -258,7 +273,7 @@ def format_table(results: dict[str, Any]) -> str:
         )
         rows.append(
             f"| {r['engine']} | {r['threads']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
-            f"{r['throughput_msg_s']:.0f} | {ratios} |"
+            f"{r['throughput_msg_s']:.0f} | {r.get('throughput_setup', '')} | {ratios} |"
         )
     rows += ["", "| target | value | goal | met |", "|---|---|---|---|"]
     for k, v in results["targets"].items():

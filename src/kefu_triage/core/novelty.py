@@ -46,6 +46,13 @@ class NoveltyModel:
     reference: np.ndarray  # sorted raw distances of held-out reference messages (the CDF's support)
     shrinkage: float = 0.0
 
+    def __post_init__(self) -> None:
+        # Per-message work is then one [D, D] product: recomputing means·precision·means on every call was
+        # 17x that, and on a serving path it competed with onnxruntime's threads for the cores.
+        means_p = self.means @ self.precision
+        object.__setattr__(self, "_means_p", means_p)
+        object.__setattr__(self, "_means_norm", (means_p * self.means).sum(1))
+
     @classmethod
     def fit(
         cls, pooled: np.ndarray, labels: np.ndarray, reference_pooled: np.ndarray, max_reference: int = 2001
@@ -76,11 +83,7 @@ class NoveltyModel:
                 f"pooled state must have shape [N, {self.means.shape[1]}], got {list(x.shape)}"
             )
         xp = x @ self.precision
-        d = (
-            (xp * x).sum(1)[:, None]
-            - 2 * xp @ self.means.T
-            + ((self.means @ self.precision) * self.means).sum(1)[None]
-        )
+        d = (xp * x).sum(1)[:, None] - 2 * x @ self._means_p.T + self._means_norm[None]
         return np.maximum(d.min(1), 0.0) if len(x) else np.zeros(0)
 
     def score(self, pooled: np.ndarray) -> np.ndarray:

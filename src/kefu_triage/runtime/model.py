@@ -9,7 +9,9 @@ numpy and the project's torch-free modules, so a serving system needs ``pip inst
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,41 @@ from kefu_triage.core.novelty import NoveltyError, NoveltyModel
 from kefu_triage.core.policy import Thresholds, TriagePolicy
 from kefu_triage.core.taxonomy import Taxonomy
 
+# Session-level fusions left out: SkipLayerNormalization (residual Add + LayerNorm in one op) is slower than
+# the unfused ops at message shapes in onnxruntime 1.32 (export.build.optimize does not fuse it either).
+DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+
+
+def inference_session(path: str | Path, threads: int | None = None, allow_spinning: bool = True):
+    """A CPU onnxruntime session as the runtime runs every model: ``threads`` intra-op threads (None: all
+    cores), no inter-op parallelism, the fusions in DISABLED_OPTIMIZERS off."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if not allow_spinning:  # a server's event loop needs the cores that idle worker threads would spin on
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(
+        str(path),
+        opts,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(DISABLED_OPTIMIZERS),
+    )
+
 
 class TriageModel:
     """A loaded artifact. ``predict`` and ``score`` are safe to call from several threads at once."""
 
     def __init__(
-        self, artifact_dir: Path, manifest: dict[str, Any], session, tokenizer, batch_size: int = 32
+        self,
+        artifact_dir: Path,
+        manifest: dict[str, Any],
+        session,
+        tokenizer,
+        batch_size: int = 32,
+        workers: int = 1,
     ):
         self.artifact_dir, self.manifest, self.session, self.tokenizer = (
             artifact_dir,
@@ -36,6 +67,9 @@ class TriageModel:
             tokenizer,
         )
         self.batch_size = batch_size
+        self.workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self.taxonomy = Taxonomy.from_dict(manifest["taxonomy"], source=str(artifact_dir / MANIFEST))
         self.intent_names = self.taxonomy.intent_names
         self.context_turns = int(manifest["input"]["context_turns"])
@@ -70,18 +104,25 @@ class TriageModel:
         verify_hashes: bool = True,
         batch_independent: bool | None = None,
         allow_spinning: bool = True,
+        workers: int = 1,
     ) -> TriageModel:
         """``batch_independent`` (default: True for int8): score one message per onnxruntime call. Dynamic int8
         picks its activation scales per call, so in a batch a message's scores would move with its batch
-        mates; alone they are exact and repeatable. For the 4-layer student this costs no measurable
-        throughput (docs/distillation.md); fp32 results do not depend on batch mates (to ~1e-6) either way."""
-        import onnxruntime as ort
+        mates; alone they are exact and repeatable. fp32 results do not depend on batch mates (to ~1e-6).
+
+        ``workers``: the onnxruntime calls of one ``score``/``predict`` run on this many threads side by
+        side, each with ``threads`` intra-op threads (choose workers x threads = cores). One-message int8
+        calls are too small to keep two intra-op threads busy: for many messages per call, ``threads=1,
+        workers=<cores>`` scores more per second than ``threads=<cores>`` (docs/distillation.md), while
+        ``threads=<cores>`` answers a single message sooner. Results are the same either way."""
         from tokenizers import Tokenizer
 
         if precision not in MODEL_FILES:
             raise ValueError(f"precision must be one of {list(MODEL_FILES)}, got {precision!r}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError(f"workers must be a positive integer, got {workers!r}")
         artifact_dir = Path(path)
         manifest = read_manifest(artifact_dir, verify_hashes)
         if expected_intents is not None and list(expected_intents) != [
@@ -90,16 +131,8 @@ class TriageModel:
             raise ArtifactError(
                 f"{artifact_dir / MANIFEST}: the artifact's taxonomy intents differ from the expected ones"
             )
-        opts = ort.SessionOptions()
-        if not allow_spinning:  # a server's event loop needs the cores that idle worker threads would spin on
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
         try:
-            session = ort.InferenceSession(
-                str(artifact_dir / MODEL_FILES[precision]), opts, providers=["CPUExecutionProvider"]
-            )
+            session = inference_session(artifact_dir / MODEL_FILES[precision], threads, allow_spinning)
             tokenizer = Tokenizer.from_file(str(artifact_dir / "tokenizer.json"))
         except Exception as exc:  # onnxruntime / tokenizers raise their own types for a damaged file
             raise ArtifactError(
@@ -108,7 +141,9 @@ class TriageModel:
         configure_tokenizer(tokenizer, int(manifest["input"]["max_length"]))
         if batch_independent is None:
             batch_independent = precision == "int8"
-        return cls(artifact_dir, manifest, session, tokenizer, 1 if batch_independent else batch_size)
+        return cls(
+            artifact_dir, manifest, session, tokenizer, 1 if batch_independent else batch_size, workers
+        )
 
     # ---- inputs ------------------------------------------------------------------------------------
     def _encode(self, texts: Any, contexts: Any) -> list:
@@ -141,6 +176,12 @@ class TriageModel:
                 start = i
         return groups + [(start, len(lengths))] if lengths else groups
 
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:  # score may be called from several threads at once
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kefu-triage-onnx")
+            return self._pool
+
     def score(self, texts: Any, contexts: Any = None) -> dict[str, np.ndarray]:
         """Raw logits of the three heads (and the pooled state under ``"pooled"`` when the graph has it), in input
         order (batched by similar length to limit padding)."""
@@ -158,7 +199,15 @@ class TriageModel:
             return empty
         order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
         lengths = [len(encodings[i].ids) for i in order]
-        parts = [self._run([encodings[i] for i in order[s:e]]) for s, e in self._length_groups(lengths)]
+        batches = [[encodings[i] for i in order[s:e]] for s, e in self._length_groups(lengths)]
+        if self.workers > 1 and len(batches) > 1:  # onnxruntime releases the GIL while it runs
+            # one share per worker, dealt round-robin (batches are sorted by length): a task per tiny int8
+            # call would cost more to hand out than the call itself
+            n = min(self.workers, len(batches))
+            done = list(self._executor().map(lambda w: [self._run(b) for b in batches[w::n]], range(n)))
+            parts = [done[i % n][i // n] for i in range(len(batches))]
+        else:
+            parts = [self._run(batch) for batch in batches]
         inverse = np.argsort(np.asarray(order))
         return {k: np.concatenate([p[k] for p in parts])[inverse] for k in self.output_names}
 

@@ -346,7 +346,11 @@ def run_predict(args: Any) -> int:
             )
             sinks.append(err)
             model = TriageModel.load(
-                args.artifact, precision=args.precision, threads=args.threads, batch_size=args.batch_size
+                args.artifact,
+                precision=args.precision,
+                threads=args.threads,
+                batch_size=args.batch_size,
+                workers=args.workers,
             )
             progress = bool(src) and out_path is not None
             with _progress(desc, progress) as bar:
