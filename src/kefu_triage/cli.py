@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="default 8000")
     p.add_argument("--precision", choices=["int8", "fp32"], help="default int8")
     p.add_argument("--max-batch", type=int, help="messages per model call (default 32)")
-    p.add_argument("--max-wait-ms", type=float, help="longest wait for a batch to fill (default 5)")
+    p.add_argument(
+        "--max-wait-ms", type=float, help="longest wait for a batch to fill (default: 0 for int8, 5 for fp32)"
+    )
     p.add_argument(
         "--workers", type=int, help="batches scored at the same time (default: int8 one per core, fp32 1)"
     )

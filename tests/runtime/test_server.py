@@ -331,6 +331,10 @@ def test_cpu_plan_workers_and_threads(monkeypatch):
     assert plan(threads=2) == (2, 2)
     assert plan(threads=4) == (1, 4)
     assert plan(workers=3, threads=1) == (3, 1)
+    # int8 calls score one message each, so waiting for a fuller batch only adds latency; fp32 batches
+    assert ServeSettings(artifact="a").plan_cpu().max_wait_ms == 0
+    assert ServeSettings(artifact="a", precision="fp32").plan_cpu().max_wait_ms == 5
+    assert ServeSettings(artifact="a", max_wait_ms=2.0).plan_cpu().max_wait_ms == 2.0
     assert ServeSettings.resolve({}, {"KEFU_ARTIFACT": "a", "KEFU_WORKERS": "3"}).workers == 3
     with pytest.raises(ValueError, match="KEFU_WORKERS"):
         ServeSettings.resolve({}, {"KEFU_ARTIFACT": "a", "KEFU_WORKERS": "0"})
@@ -351,6 +355,8 @@ def test_settings_from_env_and_flags():
     assert (s.artifact, s.port, s.max_wait_ms, s.access_log) == ("a", 9002, 2.5, True)
     with pytest.raises(ValueError, match="KEFU_MAX_BATCH"):
         ServeSettings.resolve({}, {"KEFU_ARTIFACT": "a", "KEFU_MAX_BATCH": "many"})
+    with pytest.raises(ValueError, match="KEFU_MAX_WAIT_MS=.*float"):
+        ServeSettings.resolve({}, {"KEFU_ARTIFACT": "a", "KEFU_MAX_WAIT_MS": "soon"})
     with pytest.raises(ValueError, match="KEFU_ARTIFACT"):
         ServeSettings.resolve({}, {})
 

@@ -140,7 +140,7 @@ class Server:
         artifact: str,
         precision: str,
         max_batch: int,
-        max_wait_ms: float,
+        max_wait_ms: float | None,
         extra: list[str] = (),
         env: dict[str, str] | None = None,
     ):
@@ -161,8 +161,7 @@ class Server:
             precision,
             "--max-batch",
             str(max_batch),
-            "--max-wait-ms",
-            str(max_wait_ms),
+            *(["--max-wait-ms", str(max_wait_ms)] if max_wait_ms is not None else []),
             "--log-level",
             "warning",
             *extra,
@@ -289,7 +288,7 @@ def run_config(
     artifact: str,
     precision: str,
     max_batch: int,
-    max_wait_ms: float,
+    max_wait_ms: float | None,
     levels: list[int],
     messages: list[dict[str, Any]],
     requests: int,
@@ -350,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=1000, help="measured requests per level (bound)")
     ap.add_argument("--max-seconds", type=float, default=30.0, help="time bound per level")
     ap.add_argument("--max-batch", type=int, default=32)
-    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument(
+        "--max-wait-ms", type=float, default=None, help="the server's (default: 0 for int8, 5 for fp32)"
+    )
     ap.add_argument(
         "--workers",
         type=int,
@@ -375,7 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(x) for x in args.clients.split(",")]
     messages = load_messages(args.messages)
     plan = ServeSettings(
-        artifact=args.artifact, precision=args.precision, workers=args.workers, threads=args.threads
+        artifact=args.artifact,
+        precision=args.precision,
+        workers=args.workers,
+        threads=args.threads,
+        max_wait_ms=args.max_wait_ms,
     ).plan_cpu()
     ref = runtime_throughput(args.artifact, args.precision, messages[:1024])
     print(
@@ -390,12 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     configs = {}
     for mb in dict.fromkeys((args.max_batch, 1)):
-        print(f"server --max-batch {mb} --max-wait-ms {args.max_wait_ms}:")
+        print(f"server --max-batch {mb} --max-wait-ms {plan.max_wait_ms:g}:")
         configs[f"max_batch_{mb}"] = run_config(
             args.artifact,
             args.precision,
             mb,
-            args.max_wait_ms,
+            plan.max_wait_ms,
             levels,
             messages,
             args.requests,

@@ -59,7 +59,9 @@ class ServeSettings:
     port: int = 8000
     precision: str = "int8"
     max_batch: int = 32  # messages per model call
-    max_wait_ms: float = 5.0  # how long the oldest queued request may wait for others to join its batch
+    # how long the oldest queued request may wait for others to join its batch (default: 0 for int8, whose
+    # calls score one message each so a fuller batch saves nothing, 5 for fp32)
+    max_wait_ms: float | None = None
     workers: int | None = None  # batches scored at once (default: one per core for int8, 1 for fp32)
     threads: int | None = None  # onnxruntime intra-op threads per worker (default: cores / workers)
     max_queue: int = 1024  # messages waiting for the model; beyond that -> 503 + Retry-After
@@ -99,7 +101,7 @@ class ServeSettings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} (KEFU_{name.upper()}) must be >= 1, got {getattr(self, name)}")
         for name in ("max_wait_ms", "max_context_turns", "graceful_timeout"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} (KEFU_{name.upper()}) must be >= 0, got {getattr(self, name)}")
         for name in ("workers", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -121,7 +123,11 @@ class ServeSettings:
         else:
             workers = 1
         threads = self.threads or (max(1, cores // workers) if workers > 1 else None)
-        return replace(self, workers=workers, threads=threads)
+        # int8 batches gain nothing from waiting (measured with `make load-test`, docs/serving.md)
+        max_wait_ms = self.max_wait_ms
+        if max_wait_ms is None:
+            max_wait_ms = 0.0 if self.precision == "int8" else 5.0
+        return replace(self, workers=workers, threads=threads, max_wait_ms=max_wait_ms)
 
 
 def available_cores() -> int:
@@ -131,20 +137,21 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+# settings whose default is None (filled in by plan_cpu) and the type of their value
+_UNSET_DEFAULT_TYPES = {"KEFU_THREADS": int, "KEFU_WORKERS": int, "KEFU_MAX_WAIT_MS": float}
+
+
 def _parse_env(name: str, raw: str, default: Any) -> Any:
     try:
         if isinstance(default, bool):
             if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
                 raise ValueError
             return raw.lower() in ("1", "true", "yes")
-        if isinstance(default, int) or name in ("KEFU_THREADS", "KEFU_WORKERS"):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
+        kind = _UNSET_DEFAULT_TYPES.get(name, type(default))
+        if kind in (int, float):
+            return kind(raw)
     except ValueError:
-        raise ValueError(
-            f"environment variable {name}={raw!r}: not a valid {type(default).__name__ if default is not None else 'int'}"
-        ) from None
+        raise ValueError(f"environment variable {name}={raw!r}: not a valid {kind.__name__}") from None
     return raw
 
 
@@ -390,7 +397,7 @@ def create_app(model: TriageModel, settings: ServeSettings) -> FastAPI:
     batcher = MicroBatcher(
         model.predict,
         settings.max_batch,
-        settings.max_wait_ms,
+        settings.plan_cpu().max_wait_ms,  # unplanned settings (tests, embedding apps) get the default too
         settings.max_queue,
         on_batch=lambda n, s: (metrics.batch_size.observe(n), metrics.batch_seconds.observe(s)),
         on_queue=metrics.queue_depth.set,
