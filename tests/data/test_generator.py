@@ -544,6 +544,29 @@ def test_broken_templates_name_file_and_template(tmp_path, bad, match):
         generate_splits(seed=0, size=100, **paths)
 
 
+def test_handoff_openings_come_right_before_messages_of_every_kind(generated):
+    # a "转人工" (or the platform's notice of it) right before the message must not teach human_agent
+    handoffs = set(load_resources().lexicon["handoff_turns"])
+    rows = [
+        r
+        for split in SPLITS
+        for r in generated[split]
+        if r.get("context") and r["context"][0]["text"] in handoffs and r["source"] not in DIALOGUE_SOURCES
+    ]
+    assert len(rows) > 40
+    assert all(r["context"][0]["role"] == "customer" and len(r["context"]) <= 2 for r in rows)
+    assert any(len(r["context"]) == 1 for r in rows)  # the notice directly before the message
+    intents = Counter(r["intent"] for r in rows)
+    assert len(intents) >= 12 and intents["human_agent"] < 0.2 * len(rows), intents
+
+
+@pytest.mark.parametrize("share", [1.5, "half", True])
+def test_bad_handoff_share_is_named(tmp_path, share):
+    paths = _write(tmp_path, lexicon={**MINI_LEXICON, "handoff_share": share})
+    with pytest.raises(GeneratorError, match="lexicon.yaml: handoff_share must be a number"):
+        generate_splits(seed=0, size=100, **paths)
+
+
 def test_bad_arguments_are_rejected(tmp_path):
     with pytest.raises(GeneratorError, match="size"):
         generate_splits(seed=0, size=0)

@@ -218,8 +218,14 @@ def _check_lexicon(lexicon: Any, path: Path) -> dict[str, Any]:
         "cue_excluded_intents",
         "agent_turns",
         "customer_turns",
+        "handoff_turns",
+        "handoff_hellos",
+        "handoff_greetings",
     ):
         lex[key] = [str(x) for x in (lexicon.get(key) or [])]
+    share = lexicon.get("handoff_share", 0.0)
+    if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 <= share <= 1:
+        raise GeneratorError(f"{path}: handoff_share must be a number in [0, 1], got {share!r}")
     return lex
 
 
@@ -445,7 +451,13 @@ def _load_resources_cached(template_dir: str, stamp: tuple, taxonomy_json: str) 
         if unknown:
             raise GeneratorError(f"{tdir / LEXICON_FILE}: {key} names intents not in the taxonomy: {unknown}")
     for text in (
-        lexicon["urgent_cues"] + lexicon["calm_cues"] + lexicon["agent_turns"] + lexicon["customer_turns"]
+        lexicon["urgent_cues"]
+        + lexicon["calm_cues"]
+        + lexicon["agent_turns"]
+        + lexicon["customer_turns"]
+        + lexicon["handoff_turns"]
+        + lexicon["handoff_hellos"]
+        + lexicon["handoff_greetings"]
     ):
         _check_slots(text, lexicon, f"{tdir / LEXICON_FILE}: {text!r}")
     dialogues, settings = ((), None)
@@ -626,6 +638,18 @@ def neutral_context(lexicon: Mapping[str, Any], rng: random.Random) -> list[dict
     from ``agent_turns``, sometimes a customer turn before it). Real turns come mid-conversation."""
     if not lexicon["agent_turns"] or rng.random() >= float(lexicon.get("neutral_context_rate", 0.0)):
         return []
+    if lexicon.get("handoff_turns") and rng.random() < float(lexicon.get("handoff_share", 0.0)):
+        # a chat handed from the bot to a person: the customer's "转人工" (or the platform's notice of it)
+        # sits right before the first real question and says nothing about what that question wants
+        turns = [{"role": "customer", "text": fill(rng.choice(lexicon["handoff_turns"]), lexicon, rng)}]
+        after = rng.random()
+        if after < 0.3 and lexicon.get("handoff_hellos"):
+            turns.append({"role": "customer", "text": rng.choice(lexicon["handoff_hellos"])})
+        elif after < 0.7 and lexicon.get("handoff_greetings"):
+            turns.append(
+                {"role": "agent", "text": fill(rng.choice(lexicon["handoff_greetings"]), lexicon, rng)}
+            )
+        return turns
     turns = [{"role": "agent", "text": fill(rng.choice(lexicon["agent_turns"]), lexicon, rng)}]
     if lexicon["customer_turns"] and rng.random() < 0.4:
         turns.insert(
