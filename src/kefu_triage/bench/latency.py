@@ -29,7 +29,7 @@ from kefu_triage.runtime.model import TriageModel, inference_session
 # Linux carries across fork+exec.
 RSS_PROBE = """
 import json, sys
-from kefu_triage.runtime.model import TriageModel, inference_session
+from kefu_triage.runtime.model import TriageModel
 m = TriageModel.load(sys.argv[1], precision="int8")
 texts = json.loads(sys.argv[2])
 for i in range(0, len(texts), 32):

@@ -115,7 +115,7 @@ def optimize(raw: Path, fp32: Path, num_heads: int, hidden: int) -> dict[str, in
     """onnxruntime's transformer optimizer; returns the fused-op counts of the result.
 
     Residual Add + LayerNormalization stay unfused: onnxruntime 1.32's SkipLayerNormalization is slower than
-    the two ops at message shapes (measured: ~25% of a 4-layer int8 call), and the runtime's sessions keep
+    the two ops at message shapes (measured: 12-15% of a 4-layer int8 call), and the runtime's sessions keep
     it from re-fusing them (``kefu_triage.runtime.model.DISABLED_OPTIMIZERS``)."""
     import onnx
     from onnxruntime.transformers.fusion_options import FusionOptions
