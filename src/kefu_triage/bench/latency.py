@@ -89,6 +89,7 @@ def _engines(cfg: DictConfig, threads: int, models: dict[str, Any], tmp: Path) -
     """name -> scoring function, in table order: teacher eager, teacher ONNX, shipped eager, shipped ONNX.
     int8 engines are (latency function, throughput function, throughput setup)."""
     engines: dict[str, Any] = {}
+    int8_artifacts: dict[str, Path] = {}  # int8 engine -> its artifact, for the throughput setup
     shipped = "student" if "teacher" in models else "model"
     artifact = Path(cfg.artifact_dir)
     runtimes = {
@@ -105,10 +106,7 @@ def _engines(cfg: DictConfig, threads: int, models: dict[str, Any], tmp: Path) -
                     cfg.teacher_artifact_dir, precision=p, threads=threads, batch_size=cfg.batch_size
                 )
                 engines[f"teacher_onnx_{p}"] = functools.partial(_score_artifact, rt)
-            engines["teacher_onnx_int8"] = (
-                engines["teacher_onnx_int8"],
-                *_int8_side_by_side(Path(cfg.teacher_artifact_dir), threads, cfg.batch_size),
-            )
+            int8_artifacts["teacher_onnx_int8"] = Path(cfg.teacher_artifact_dir)
         else:  # the shipped artifact's tokenizer and input contract (the student keeps the teacher's)
             rt = TriageModel(
                 artifact,
@@ -122,11 +120,10 @@ def _engines(cfg: DictConfig, threads: int, models: dict[str, Any], tmp: Path) -
         engines[f"{shipped}_pytorch_eager"] = functools.partial(_score_torch, *models["shipped"])
     for p, rt in runtimes.items():
         engines[f"{shipped}_onnx_{p}"] = functools.partial(_score_artifact, rt)
-    if threads > 1:
-        engines[f"{shipped}_onnx_int8"] = (
-            engines[f"{shipped}_onnx_int8"],
-            *_int8_side_by_side(artifact, threads, cfg.batch_size),
-        )
+    int8_artifacts[f"{shipped}_onnx_int8"] = artifact
+    if threads > 1:  # at one thread the side-by-side setup is the latency runtime itself
+        for name, path in int8_artifacts.items():
+            engines[name] = (engines[name], *_int8_side_by_side(path, threads, cfg.batch_size))
     return engines
 
 
