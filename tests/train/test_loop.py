@@ -338,3 +338,63 @@ def test_rdrop_penalises_disagreement_between_dropout_passes(smoke, tmp_path):
     assert _dev(rdrop) != _dev(plain)
     with pytest.raises(ValueError, match="rdrop_alpha must be a number >= 0"):
         train(_cfg(tmp_path / "bad", smoke, "trainer.rdrop_alpha=-1"), tmp_path / "bad" / "run")
+
+
+def test_wise_alpha_publishes_the_encoder_interpolated_towards_its_start(smoke, tmp_path):
+    from kefu_triage.train.loop import interpolate_encoder
+
+    plain = train(_cfg(tmp_path / "p", smoke), tmp_path / "p" / "run")
+    tuned = _weights(tmp_path / "p" / "run" / "model")
+    halves = train(_cfg(tmp_path / "h", smoke, "trainer.wise_alpha=0.5"), tmp_path / "h" / "run")
+    half = _weights(tmp_path / "h" / "run" / "model")
+    train(_cfg(tmp_path / "q", smoke, "trainer.wise_alpha=0.25"), tmp_path / "q" / "run")
+    quarter = _weights(tmp_path / "q" / "run" / "model")
+
+    assert _dev(halves) == _dev(plain)  # the same training; only the published weights differ
+    assert halves["wise_ft"]["alpha"] == 0.5 and "intent_macro_f1" in halves["wise_ft"]["dev"]
+    summary = json.loads((tmp_path / "h" / "run" / "model" / "data_summary.json").read_text())
+    assert summary["training"]["wise_ft"] == halves["wise_ft"]
+    assert not (tmp_path / "h" / "run" / "interpolated").exists()  # consumed like best/
+    heads = [k for k in tuned if not k.startswith("encoder.")]
+    assert heads and all(torch.equal(half[k], tuned[k]) for k in heads)
+    encoder = [k for k in tuned if k.startswith("encoder.") and tuned[k].is_floating_point()]
+    # both runs point back to the same start: (published - alpha * fine-tuned) / (1 - alpha)
+    start_h = {k: (half[k] - 0.5 * tuned[k]) / 0.5 for k in encoder}
+    start_q = {k: (quarter[k] - 0.25 * tuned[k]) / 0.75 for k in encoder}
+    assert all(torch.allclose(start_h[k], start_q[k], atol=1e-5) for k in encoder)
+    assert any(not torch.allclose(start_h[k], tuned[k], atol=1e-4) for k in encoder)  # training moved it
+
+    # a run stopped and resumed interpolates towards the same start, not towards the checkpoint
+    with pytest.raises(TrainingInterrupted):
+        train(
+            _cfg(tmp_path / "c", smoke, "trainer.wise_alpha=0.5", "trainer.stop_after_steps=4"),
+            tmp_path / "c" / "run",
+        )
+    train(
+        _cfg(
+            tmp_path / "c",
+            smoke,
+            "trainer.wise_alpha=0.5",
+            "trainer.resume=true",
+            f"trainer.resume_dir={tmp_path / 'c' / 'run'}",
+        ),
+        tmp_path / "c" / "run2",
+    )
+    resumed = _weights(tmp_path / "c" / "run2" / "model")
+    assert all(torch.allclose(resumed[k], half[k], atol=1e-6) for k in half)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Linear(2, 2)
+
+    m = Tiny()
+    start = {k: torch.zeros_like(v) for k, v in m.encoder.state_dict().items()}
+    before = m.encoder.weight.detach().clone()
+    interpolate_encoder(m, start, 0.25)
+    assert torch.allclose(m.encoder.weight, 0.25 * before)
+    with pytest.raises(ValueError, match=r"start encoder does not match the model: weight is \(3, 2\)"):
+        interpolate_encoder(m, {"weight": torch.zeros(3, 2)}, 0.5)
+    for bad in ("0", "1.5", "true", "'0.5'"):
+        with pytest.raises(ValueError, match="wise_alpha must be a number in"):
+            train(_cfg(tmp_path / "bad", smoke, f"trainer.wise_alpha={bad}"), tmp_path / "bad" / "run")

@@ -35,7 +35,13 @@ from kefu_triage.core.taxonomy import Taxonomy, taxonomy_from_config
 from kefu_triage.data.records import load_split_records, summarize, to_dataset
 from kefu_triage.evaluate.metrics import dev_metrics
 from kefu_triage.model.encoders import load_encoder
-from kefu_triage.model.multitask import KefuTriageConfig, KefuTriageModel, encode, predict_logits
+from kefu_triage.model.multitask import (
+    KefuTriageConfig,
+    KefuTriageModel,
+    encode,
+    load_model,
+    predict_logits,
+)
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoint"
@@ -214,6 +220,39 @@ def weight_average(model: torch.nn.Module, decay: float | None):
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(decay)), use_buffers=True)
 
 
+def check_wise_alpha(alpha: Any) -> float:
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not math.isfinite(alpha)
+        or not 0 < alpha <= 1
+    ):
+        raise ValueError(f"trainer.wise_alpha must be a number in (0, 1] (1 = off), got {alpha!r}")
+    return float(alpha)
+
+
+def interpolate_encoder(model: torch.nn.Module, start_encoder: dict[str, torch.Tensor], alpha: float) -> None:
+    """WiSE-FT (Wortsman et al., CVPR 2022), in place: every floating-point encoder weight becomes
+    ``alpha * fine-tuned + (1 - alpha) * start`` (the encoder the fine-tuning began from: pretrained, or
+    domain-adapted); the heads stay as trained.
+
+    Why: fine-tuning on generated messages pulls the encoder towards that distribution; on real customer text
+    the interpolation is right more often (docs/model-and-training.md), at some cost on generated text."""
+    state = model.encoder.state_dict()
+    for name, start in start_encoder.items():
+        if name not in state or state[name].shape != start.shape:
+            found = tuple(state[name].shape) if name in state else "absent"
+            raise ValueError(
+                f"start encoder does not match the model: {name} is {tuple(start.shape)} there, {found} in the "
+                "model (was the model trained from another encoder build?)"
+            )
+    with torch.no_grad():
+        for name, start in start_encoder.items():
+            tuned = state[name]
+            if tuned.is_floating_point():
+                tuned.copy_(alpha * tuned + (1.0 - alpha) * start.to(tuned.dtype))
+
+
 def class_weights(records: list[dict[str, Any]], taxonomy: Taxonomy, power: float) -> list[float]:
     """(N / count)^power per intent, normalised to mean 1; power 0 = unweighted, 0.5 = inverse sqrt."""
     counts = Counter(r["intent"] for r in records)
@@ -356,6 +395,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     t = cfg.trainer
     schedule = check_lr_schedule(t.get("lr_schedule", "linear"), "trainer.lr_schedule")
     rdrop_alpha = check_rdrop_alpha(t.get("rdrop_alpha"))
+    wise_alpha = check_wise_alpha(t.get("wise_alpha", 1.0))
     _seed_everything(t.seed)
     taxonomy = taxonomy_from_config(cfg.taxonomy)
     splits = load_split_records(cfg.data, taxonomy)
@@ -375,6 +415,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
         adapted = adapt_encoder(cfg, [r for s in ("dev", "test", "eval") for r in splits.get(s, [])])[:2]
     model, tokenizer = build_model(cfg, taxonomy, train_records, adapted)
+    # the starting encoder, before training or a resumed checkpoint changes it (for trainer.wise_alpha)
+    start_encoder = (
+        {k: v.detach().clone() for k, v in model.encoder.state_dict().items()} if wise_alpha < 1 else None
+    )
     train_ds = tokenize_split(
         train_records, taxonomy, tokenizer, cfg.data.context_turns, cfg.model.max_length
     )
@@ -542,11 +586,34 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "train_seconds": round(time.time() - started, 1),
     }
     if is_main:
-        finalize_model_dir(cfg, run_dir, taxonomy, splits, state, summary, cfg.trainer.get("publish_dir"))
+        weights_dir = run_dir / "best"
+        if start_encoder is not None:
+            # written beside best/ (never over it), so a resumed finished run interpolates the same weights again
+            best, _ = load_model(weights_dir)
+            interpolate_encoder(best, start_encoder, wise_alpha)
+            weights_dir = run_dir / "interpolated"
+            with atomic_directory(weights_dir) as tmp:
+                best.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+            dev = dev_metrics(
+                predict_logits(best, tokenizer, dev_records, batch_size=t.eval_batch_size),
+                dev_records,
+                taxonomy,
+                score_weights,
+            )
+            summary["wise_ft"] = {"alpha": wise_alpha, "dev": {k: round(v, 4) for k, v in dev.items()}}
+            print(
+                f"WiSE-FT: encoder = {wise_alpha:g} x fine-tuned + {1 - wise_alpha:g} x start; published model "
+                + " ".join(f"dev_{k}={v:.4f}" for k, v in dev.items())
+            )
+        publish_dir = cfg.trainer.get("publish_dir")
+        finalize_model_dir(
+            cfg, run_dir, taxonomy, splits, state, summary, publish_dir, weights_dir=weights_dir
+        )
         if not t.get("keep_checkpoint", False):
             # finished: the resumable state (weights + optimizer, ~3x the model) is no longer needed, including
             # the interrupted run's checkpoint this run continued; the best weights live on in run_dir/model
-            consumed = [ckpt_dir, run_dir / "best"]
+            consumed = [ckpt_dir, run_dir / "best", run_dir / "interpolated"]
             if (
                 resume_from is not None
                 and resume_from.parent != run_dir
@@ -583,13 +650,14 @@ def finalize_model_dir(
     summary: dict[str, Any],
     publish_dir: str | Path | None,
     summary_key: str = "training",
+    weights_dir: Path | None = None,
 ) -> Path:
-    """run_dir/model = best weights + tokenizer + resolved config, label maps, train log, data summary (the
-    run's ``summary`` under ``summary_key``); then published atomically to ``publish_dir`` (models/<experiment>)
-    when set. Training and distillation both end here."""
+    """run_dir/model = best weights (``weights_dir``, default run_dir/best) + tokenizer + resolved config, label
+    maps, train log, data summary (the run's ``summary`` under ``summary_key``); then published atomically to
+    ``publish_dir`` (models/<experiment>) when set. Training and distillation both end here."""
     model_dir = run_dir / "model"
     with atomic_directory(model_dir) as tmp:
-        for f in (run_dir / "best").iterdir():
+        for f in (weights_dir or run_dir / "best").iterdir():
             shutil.copy2(f, tmp / f.name)
         atomic_write_text(tmp / "train_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         atomic_write_json(
