@@ -139,3 +139,34 @@ def smoke(tmp_path_factory) -> dict:
 
 
 # --------------------------------------------------------------------------------------- END pipeline
+
+
+# -------------------------------------------------------------------------------- BEGIN short trainings
+# Short trainings on the session's smoke data (192 rows, 2 epochs): what the training tests vary one option of.
+
+
+def short_train_cfg(root: Path, smoke: dict, *extra: str):
+    return compose(
+        "train",
+        SMOKE_OVERRIDES
+        + [
+            f"paths.root_dir={root}",
+            f"data.dir={smoke['data_dir']}",
+            "data.max_train_examples=192",
+            "data.max_dev_examples=64",
+            "trainer.max_epochs=2",
+            "trainer.checkpoint_every_steps=0",
+            "trainer.early_stopping_patience=5",
+            f"trainer.publish_dir={root / 'published'}",
+            *extra,
+        ],
+    )
+
+
+def model_weights(model_dir) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------- END short trainings

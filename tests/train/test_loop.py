@@ -13,37 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SMOKE_OVERRIDES, compose
+from conftest import SMOKE_OVERRIDES, compose, model_weights, short_train_cfg
 from kefu_triage.core.resources import packaged_config
 from kefu_triage.train.loop import LengthGroupedSampler, TrainingInterrupted, train
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _cfg(root, smoke, *extra):
-    return compose(
-        "train",
-        SMOKE_OVERRIDES
-        + [
-            f"paths.root_dir={root}",
-            f"data.dir={smoke['data_dir']}",
-            "data.max_train_examples=192",
-            "data.max_dev_examples=64",
-            "trainer.max_epochs=2",
-            "trainer.checkpoint_every_steps=0",
-            "trainer.early_stopping_patience=5",
-            f"trainer.publish_dir={root / 'published'}",
-            *extra,
-        ],
-    )
+_cfg, _weights = short_train_cfg, model_weights
 
 
 def _dev(summary):
     return {k: v for k, v in summary["best_dev"].items() if k != "examples_per_s"}  # all but wall-clock speed
-
-
-def _weights(model_dir):
-    return load_file(str(Path(model_dir) / "model.safetensors"))
 
 
 def test_smoke_run_leaves_a_complete_model_dir(smoke):

@@ -346,6 +346,21 @@ def find_resume_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
     return runs[-1].parent if runs else None
 
 
+def continued_run_dir(cfg: DictConfig, run_dir: Path, part: str) -> Path:
+    """Where a training made of several runs (self-training rounds, soup ingredients) keeps them: this run, or
+    with trainer.resume the run being continued (trainer.resume_dir, else the newest other run holding ``part``)."""
+    t = cfg.trainer
+    if not t.get("resume"):
+        return run_dir
+    if t.get("resume_dir"):
+        return Path(t.resume_dir)
+    earlier = sorted(
+        (p.parent for p in run_dir.parent.glob(f"*/{part}") if p.parent != run_dir),
+        key=lambda p: p.stat().st_mtime,
+    )
+    return earlier[-1] if earlier else run_dir
+
+
 def check_rdrop_alpha(alpha: Any) -> float:
     if alpha is None:
         return 0.0
@@ -392,6 +407,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         from kefu_triage.train.self_training import self_train
 
         return self_train(cfg, run_dir)
+    if len(cfg.trainer.get("soup_seeds") or []) > 1:
+        from kefu_triage.train.soup import soup_train  # one run per seed, averaged (a model soup)
+
+        return soup_train(cfg, run_dir)
     t = cfg.trainer
     schedule = check_lr_schedule(t.get("lr_schedule", "linear"), "trainer.lr_schedule")
     rdrop_alpha = check_rdrop_alpha(t.get("rdrop_alpha"))
@@ -414,7 +433,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         from kefu_triage.train.adapt import adapt_encoder  # domain-adaptive MLM on unlabelled turns (cached)
 
         adapted = adapt_encoder(cfg, [r for s in ("dev", "test", "eval") for r in splits.get(s, [])])[:2]
+    init_seed = t.get("init_seed")
+    if init_seed is not None:
+        # the heads' random start from init_seed, the rest of the run (data order, dropout) from seed: runs that
+        # differ only in seed then start from the same weights, which averaging them (a model soup) needs
+        _seed_everything(init_seed)
     model, tokenizer = build_model(cfg, taxonomy, train_records, adapted)
+    if init_seed is not None:
+        _seed_everything(t.seed)
     # the starting encoder, before training or a resumed checkpoint changes it (for trainer.wise_alpha)
     start_encoder = (
         {k: v.detach().clone() for k, v in model.encoder.state_dict().items()} if wise_alpha < 1 else None

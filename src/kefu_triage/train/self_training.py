@@ -185,24 +185,10 @@ def _round_cfg(cfg: DictConfig, **updates: Any) -> DictConfig:
     return c
 
 
-def _base_dir(cfg: DictConfig, run_dir: Path) -> Path:
-    """Where the rounds live: this run, or with trainer.resume the run being continued."""
-    t = cfg.trainer
-    if not t.get("resume"):
-        return run_dir
-    if t.get("resume_dir"):
-        return Path(t.resume_dir)
-    earlier = sorted(
-        (p.parent for p in run_dir.parent.glob("*/round0") if p.parent != run_dir),
-        key=lambda p: p.stat().st_mtime,
-    )
-    return earlier[-1] if earlier else run_dir
-
-
 def self_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Round 0 = ordinary training, then ``rounds`` rounds of pseudo-labelling + retraining; the summary of
     the last round with ``self_training`` (the per-round figures)."""
-    from kefu_triage.train.loop import train
+    from kefu_triage.train.loop import continued_run_dir, train
 
     run_dir = Path(run_dir)
     st = _settings(cfg)
@@ -214,7 +200,7 @@ def self_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     taxonomy = taxonomy_from_config(cfg.taxonomy)
     splits = load_split_records(cfg.data, taxonomy)
     pool, pool_report = load_unlabeled(adapt, [r for s in ("dev", "test", "eval") for r in splits.get(s, [])])
-    base = _base_dir(cfg, run_dir)
+    base = continued_run_dir(cfg, run_dir, "round0")
     resume = bool(cfg.trainer.get("resume"))
     history: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
