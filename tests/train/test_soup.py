@@ -47,3 +47,5 @@ def test_soup_publishes_the_average_of_one_run_per_seed_from_one_start(smoke, tm
     for bad in ("[3,3]", "[3,true]", "[3,'x']"):
         with pytest.raises(ValueError, match="soup_seeds must be distinct integers"):
             train(_cfg(tmp_path / "bad", smoke, f"trainer.soup_seeds={bad}"), tmp_path / "bad" / "run")
+    with pytest.raises(ValueError, match="init_seed must be an integer or null"):
+        train(_cfg(tmp_path / "bad", smoke, "trainer.init_seed=x"), tmp_path / "bad" / "run")

@@ -415,6 +415,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     schedule = check_lr_schedule(t.get("lr_schedule", "linear"), "trainer.lr_schedule")
     rdrop_alpha = check_rdrop_alpha(t.get("rdrop_alpha"))
     wise_alpha = check_wise_alpha(t.get("wise_alpha", 1.0))
+    init_seed = t.get("init_seed")
+    if init_seed is not None and (isinstance(init_seed, bool) or not isinstance(init_seed, int)):
+        raise ValueError(f"trainer.init_seed must be an integer or null, got {init_seed!r}")
     _seed_everything(t.seed)
     taxonomy = taxonomy_from_config(cfg.taxonomy)
     splits = load_split_records(cfg.data, taxonomy)
@@ -433,7 +436,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         from kefu_triage.train.adapt import adapt_encoder  # domain-adaptive MLM on unlabelled turns (cached)
 
         adapted = adapt_encoder(cfg, [r for s in ("dev", "test", "eval") for r in splits.get(s, [])])[:2]
-    init_seed = t.get("init_seed")
     if init_seed is not None:
         # the heads' random start from init_seed, the rest of the run (data order, dropout) from seed: runs that
         # differ only in seed then start from the same weights, which averaging them (a model soup) needs
