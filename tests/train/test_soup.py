@@ -28,6 +28,9 @@ def test_soup_publishes_the_average_of_one_run_per_seed_from_one_start(smoke, tm
     assert stored["training"]["soup"] == summary["soup"]
     assert not (run / "soup").exists()
 
+    # the first ingredient is exactly a plain run with the first seed
+    train(_cfg(tmp_path / "a", smoke, "trainer.seed=3"), tmp_path / "a" / "run")
+    assert all(torch.equal(_weights(tmp_path / "a" / "run" / "model")[k], a[k]) for k in a)
     # the second ingredient is exactly a plain run with that seed started from the first seed's weights
     train(_cfg(tmp_path / "b", smoke, "trainer.seed=5", "trainer.init_seed=3"), tmp_path / "b" / "run")
     assert all(torch.equal(_weights(tmp_path / "b" / "run" / "model")[k], b[k]) for k in b)

@@ -441,7 +441,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         # differ only in seed then start from the same weights, which averaging them (a model soup) needs
         _seed_everything(init_seed)
     model, tokenizer = build_model(cfg, taxonomy, train_records, adapted)
-    if init_seed is not None:
+    if init_seed is not None and init_seed != t.seed:  # with init_seed == seed: exactly the plain run
         _seed_everything(t.seed)
     # the starting encoder, before training or a resumed checkpoint changes it (for trainer.wise_alpha)
     start_encoder = (
