@@ -31,6 +31,7 @@ from kefu_triage.data.records import read_examples
 from kefu_triage.model.encoders import load_encoder
 from kefu_triage.model.multitask import load_model, predict_logits
 from kefu_triage.train.loop import check_wise_alpha, interpolate_encoder
+from kefu_triage.train.soup import average_models
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
@@ -76,25 +77,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.sets is None and not REAL.is_dir():
         print(f"{REAL} not found: real sets skipped", file=sys.stderr)
     files = args.sets or [f for f in default_sets if f.is_file()] + [ROOT / "data/embedded/test.jsonl"]
-    models = []
     for d in args.model_dirs:
+        if not (d / "train_config.yaml").is_file():
+            ap.error(f"{d}: no train_config.yaml; pass model directories written by training")
         cfg = OmegaConf.load(d / "train_config.yaml")
         if float(cfg.trainer.get("wise_alpha", 1.0)) != 1.0:
             ap.error(
                 f"{d}: published with trainer.wise_alpha={cfg.trainer.wise_alpha}; train with trainer.wise_alpha=1"
             )
-        models.append(load_model(d))
-    model, tokenizer = models[0]
     if args.soup:
-        states = [m.state_dict() for m, _ in models]
-        model = copy.deepcopy(model)
-        model.load_state_dict(
-            {
-                k: sum(s[k] for s in states) / len(states) if v.is_floating_point() else v
-                for k, v in states[0].items()
-            }
-        )
-        models = [(model, tokenizer)]
+        models = [average_models(args.model_dirs)]
+    else:
+        models = [load_model(d) for d in args.model_dirs]
+    model = models[0][0]
     sets = {f.stem: read_examples(f, model.config.get_taxonomy()) for f in files}
     cfg = OmegaConf.load(args.model_dirs[0] / "train_config.yaml")
     if args.start:
