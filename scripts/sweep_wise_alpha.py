@@ -77,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.sets is None and not REAL.is_dir():
         print(f"{REAL} not found: real sets skipped", file=sys.stderr)
     files = args.sets or [f for f in default_sets if f.is_file()] + [ROOT / "data/embedded/test.jsonl"]
+    configs = []
     for d in args.model_dirs:
         if not (d / "train_config.yaml").is_file():
             ap.error(f"{d}: no train_config.yaml; pass model directories written by training")
-        cfg = OmegaConf.load(d / "train_config.yaml")
+        configs.append(cfg := OmegaConf.load(d / "train_config.yaml"))
         if float(cfg.trainer.get("wise_alpha", 1.0)) != 1.0:
             ap.error(
                 f"{d}: published with trainer.wise_alpha={cfg.trainer.wise_alpha}; train with trainer.wise_alpha=1"
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         models = [load_model(d) for d in args.model_dirs]
     model = models[0][0]
     sets = {f.stem: read_examples(f, model.config.get_taxonomy()) for f in files}
-    cfg = OmegaConf.load(args.model_dirs[0] / "train_config.yaml")
+    cfg = configs[0]
     if args.start:
         from transformers import AutoModel
 

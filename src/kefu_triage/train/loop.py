@@ -9,6 +9,7 @@ continues from it to the same result as an uninterrupted run.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import itertools
@@ -361,6 +362,38 @@ def continued_run_dir(cfg: DictConfig, run_dir: Path, part: str) -> Path:
     return earlier[-1] if earlier else run_dir
 
 
+def part_config(cfg: DictConfig, updates: dict[str, Any]) -> DictConfig:
+    """A copy of ``cfg`` for one run of a training made of several (a self-training round, a soup ingredient):
+    it publishes nothing itself, and ``updates`` (dotted keys) override the rest."""
+    c = copy.deepcopy(cfg)
+    for key, value in {"trainer.publish_dir": None, **updates}.items():
+        OmegaConf.update(c, key, value, merge=False, force_add=True)
+    return c
+
+
+def save_and_score(
+    model: torch.nn.Module,
+    tokenizer,
+    directory: Path,
+    dev_records: list[dict[str, Any]],
+    taxonomy: Taxonomy,
+    score_weights: dict[str, float],
+    batch_size: int,
+) -> dict[str, float]:
+    """Write ``model`` + ``tokenizer`` atomically into ``directory`` and return the model's dev metrics (rounded):
+    weights a training publishes in place of its best checkpoint (WiSE-FT, a model soup)."""
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    dev = dev_metrics(
+        predict_logits(model, tokenizer, dev_records, batch_size=batch_size),
+        dev_records,
+        taxonomy,
+        score_weights,
+    )
+    return {k: round(v, 4) for k, v in dev.items()}
+
+
 def check_rdrop_alpha(alpha: Any) -> float:
     if alpha is None:
         return 0.0
@@ -620,16 +653,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             best, _ = load_model(weights_dir)
             interpolate_encoder(best, start_encoder, wise_alpha)
             weights_dir = run_dir / "interpolated"
-            with atomic_directory(weights_dir) as tmp:
-                best.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-            dev = dev_metrics(
-                predict_logits(best, tokenizer, dev_records, batch_size=t.eval_batch_size),
-                dev_records,
-                taxonomy,
-                score_weights,
+            dev = save_and_score(
+                best, tokenizer, weights_dir, dev_records, taxonomy, score_weights, t.eval_batch_size
             )
-            summary["wise_ft"] = {"alpha": wise_alpha, "dev": {k: round(v, 4) for k, v in dev.items()}}
+            summary["wise_ft"] = {"alpha": wise_alpha, "dev": dev}
             print(
                 f"WiSE-FT: encoder = {wise_alpha:g} x fine-tuned + {1 - wise_alpha:g} x start; published model "
                 + " ".join(f"dev_{k}={v:.4f}" for k, v in dev.items())

@@ -25,7 +25,6 @@ Turns whose text is in ``adapt.exclude_files`` or in the data's dev/test/eval sp
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from collections import Counter
@@ -34,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from kefu_triage.core.fileio import atomic_directory, atomic_write_jsonl, atomic_write_text
 from kefu_triage.core.taxonomy import Taxonomy, taxonomy_from_config
@@ -178,17 +177,10 @@ def select_pseudo_labels(
     return rows, figures
 
 
-def _round_cfg(cfg: DictConfig, **updates: Any) -> DictConfig:
-    c = copy.deepcopy(cfg)
-    for key, value in {"adapt.self_training.rounds": 0, "trainer.publish_dir": None, **updates}.items():
-        OmegaConf.update(c, key, value, merge=False)
-    return c
-
-
 def self_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Round 0 = ordinary training, then ``rounds`` rounds of pseudo-labelling + retraining; the summary of
     the last round with ``self_training`` (the per-round figures)."""
-    from kefu_triage.train.loop import continued_run_dir, train
+    from kefu_triage.train.loop import continued_run_dir, part_config, train
 
     run_dir = Path(run_dir)
     st = _settings(cfg)
@@ -245,7 +237,7 @@ def self_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         else:
             if resume and (rd / "checkpoint" / "trainer_state.json").is_file():
                 updates.update({"trainer.resume": True, "trainer.resume_dir": str(rd)})
-            summary = train(_round_cfg(cfg, **updates), rd)
+            summary = train(part_config(cfg, {"adapt.self_training.rounds": 0, **updates}), rd)
         figures.update(
             {k: v for k, v in summary["best_dev"].items() if k.startswith("dev_")},
             best_epoch=summary["best_epoch"],

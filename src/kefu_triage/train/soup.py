@@ -19,11 +19,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kefu_triage.core.fileio import atomic_directory
 from kefu_triage.core.taxonomy import taxonomy_from_config
 from kefu_triage.data.records import load_split_records
-from kefu_triage.evaluate.metrics import dev_metrics
-from kefu_triage.model.multitask import load_model, predict_logits
+from kefu_triage.model.multitask import load_model
 
 
 def check_soup_seeds(seeds: Any) -> list[int]:
@@ -56,7 +54,14 @@ def average_models(model_dirs: list[Path]):
 def soup_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train one ingredient per seed, average them into ``run_dir/model`` and publish it; the summary of the
     first ingredient with ``soup`` (per-ingredient dev figures and the soup's)."""
-    from kefu_triage.train.loop import STATE_FILE, continued_run_dir, finalize_model_dir, train
+    from kefu_triage.train.loop import (
+        STATE_FILE,
+        continued_run_dir,
+        finalize_model_dir,
+        part_config,
+        save_and_score,
+        train,
+    )
 
     run_dir = Path(run_dir)
     t = cfg.trainer
@@ -73,34 +78,24 @@ def soup_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             "trainer.soup_seeds": [],
             "trainer.seed": seed,
             "trainer.init_seed": seeds[0],  # one start for every ingredient
-            "trainer.publish_dir": None,
             "trainer.resume": bool(t.get("resume")) and (d / "checkpoint" / STATE_FILE).is_file(),
             "trainer.resume_dir": str(d) if t.get("resume") else None,
         }
-        c = copy.deepcopy(cfg)
-        for key, value in updates.items():
-            OmegaConf.update(c, key, value, merge=False, force_add=True)
         print(f"model soup: ingredient {i + 1}/{len(seeds)} (trainer.seed={seed})")
-        summaries.append(train(c, d))
+        summaries.append(train(part_config(cfg, updates), d))
 
     taxonomy = taxonomy_from_config(cfg.taxonomy)
     splits = load_split_records(cfg.data, taxonomy)
     soup, tokenizer = average_models([base / f"ingredient{i}" / "model" for i in range(len(seeds))])
     weights_dir = run_dir / "soup"
-    with atomic_directory(weights_dir) as tmp:
-        soup.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    dev = dev_metrics(
-        predict_logits(soup, tokenizer, splits["dev"], batch_size=t.eval_batch_size),
-        splits["dev"],
-        taxonomy,
-        OmegaConf.to_container(t.selection_weights),
+    score_weights = OmegaConf.to_container(t.selection_weights)
+    dev = save_and_score(
+        soup, tokenizer, weights_dir, splits["dev"], taxonomy, score_weights, t.eval_batch_size
     )
     figures = [
         {"seed": s, "dev": (x.get("wise_ft") or {}).get("dev") or x["best_dev"]}
         for s, x in zip(seeds, summaries, strict=True)
     ]
-    dev = {k: round(v, 4) for k, v in dev.items()}
     summary = {**summaries[0], "soup": {"seeds": seeds, "ingredients": figures, "dev": dev}}
     print(
         "model soup of "
