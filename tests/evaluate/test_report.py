@@ -191,3 +191,31 @@ def test_smoke_model_report(smoke):
     assert "Where the model wins and loses" in md
     policy = json.loads((Path(smoke["model_dir"]) / "triage_policy.json").read_text(encoding="utf-8"))
     assert policy["thresholds"] == metrics["operating_point"]["thresholds"]
+
+
+def test_artifact_eval_with_novelty_disabled_leaves_the_shipped_statistics_out(smoke, tmp_path):
+    """``policy.novelty.enabled=false`` measures an artifact without its novelty gate: its shipped statistics
+    are not used for the policy or the safety figures (they once were, whatever the setting)."""
+
+    def run(name, *extra):
+        cfg = compose(
+            "eval",
+            [
+                f"paths.root_dir={smoke['root']}",
+                f"paths.shared_dir={tmp_path / 'no_shared'}",
+                f"data.dir={smoke['data_dir']}",
+                f"artifact_dir={smoke['artifact']}",
+                f"output_dir={tmp_path / name}",
+                "tuning.grid=11",
+                "sanity.enabled=false",
+                "baselines.enabled=false",
+                *extra,
+            ],
+        )
+        return evaluate_module.evaluate(cfg)
+
+    gated, ungated = run("gated"), run("ungated", "policy.novelty.enabled=false")
+    assert "novelty" in gated["model"]["safety"]["test"]
+    assert "novelty" not in ungated["model"]["safety"]["test"]
+    assert ungated["operating_point"]["thresholds"]["novelty"] == 1.0
+    assert ungated["model"]["reasons"].get("unfamiliar", 0) == 0

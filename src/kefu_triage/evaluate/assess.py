@@ -290,7 +290,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     gold_dev, gold_test = Gold.from_records(dev, taxonomy), Gold.from_records(test, taxonomy)
 
     nov_cfg = cfg.policy.get("novelty") or {}
-    if isinstance(scorer, TorchScorer) and nov_cfg.get("enabled", True) and splits.get("train"):
+    if not nov_cfg.get("enabled", True):
+        scorer.novelty = None  # an artifact's shipped statistics too: measure the policy without the gate
+    elif isinstance(scorer, TorchScorer) and splits.get("train"):
         scorer.novelty = fit_novelty(
             scorer.predict_logits,
             splits["train"],
