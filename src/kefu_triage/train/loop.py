@@ -371,6 +371,20 @@ def part_config(cfg: DictConfig, updates: dict[str, Any]) -> DictConfig:
     return c
 
 
+def train_part(cfg: DictConfig, part_dir: Path, updates: dict[str, Any]) -> dict[str, Any]:
+    """Train one run of a training made of several (a self-training round, a soup ingredient) in ``part_dir``
+    with ``updates`` (see :func:`part_config`); returns its summary. With trainer.resume, a finished part is
+    reused as it is and an interrupted one continues from its own checkpoint; any other part trains from scratch
+    (never from another part's checkpoint)."""
+    resume = bool(cfg.trainer.get("resume"))
+    done = part_dir / "model" / "data_summary.json"
+    if resume and done.is_file():
+        return json.loads(done.read_text(encoding="utf-8"))["training"]
+    interrupted = resume and (part_dir / CHECKPOINT_DIR / STATE_FILE).is_file()
+    continued = {"trainer.resume": interrupted, "trainer.resume_dir": str(part_dir) if interrupted else None}
+    return train(part_config(cfg, {**updates, **continued}), part_dir)
+
+
 def save_and_score(
     model: torch.nn.Module,
     tokenizer,

@@ -180,7 +180,7 @@ def select_pseudo_labels(
 def self_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Round 0 = ordinary training, then ``rounds`` rounds of pseudo-labelling + retraining; the summary of
     the last round with ``self_training`` (the per-round figures)."""
-    from kefu_triage.train.loop import continued_run_dir, part_config, train
+    from kefu_triage.train.loop import continued_run_dir, train_part
 
     run_dir = Path(run_dir)
     st = _settings(cfg)
@@ -193,12 +193,11 @@ def self_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     splits = load_split_records(cfg.data, taxonomy)
     pool, pool_report = load_unlabeled(adapt, [r for s in ("dev", "test", "eval") for r in splits.get(s, [])])
     base = continued_run_dir(cfg, run_dir, "round0")
-    resume = bool(cfg.trainer.get("resume"))
     history: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     for r in range(st["rounds"] + 1):
         rd = base / f"round{r}"
-        updates: dict[str, Any] = {"trainer.resume": False, "trainer.resume_dir": None}
+        updates: dict[str, Any] = {}
         figures: dict[str, Any] = {"round": r, "pool": len(pool), "kept": 0, "pool_report": pool_report}
         if r > 0:
             teacher, tokenizer = load_model(base / f"round{r - 1}" / "model")
@@ -231,13 +230,7 @@ def self_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             train_file = rd / "train_with_pseudo_labels.jsonl"
             atomic_write_jsonl(train_file, [*splits["train"], *pseudo])
             updates.update({"data.train_file": str(train_file), "data.max_train_examples": None})
-        done = rd / "model" / "data_summary.json"
-        if resume and done.is_file():  # a finished round of the run being continued
-            summary = json.loads(done.read_text())["training"]
-        else:
-            if resume and (rd / "checkpoint" / "trainer_state.json").is_file():
-                updates.update({"trainer.resume": True, "trainer.resume_dir": str(rd)})
-            summary = train(part_config(cfg, {"adapt.self_training.rounds": 0, **updates}), rd)
+        summary = train_part(cfg, rd, {"adapt.self_training.rounds": 0, **updates})
         figures.update(
             {k: v for k, v in summary["best_dev"].items() if k.startswith("dev_")},
             best_epoch=summary["best_epoch"],

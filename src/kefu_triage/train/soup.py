@@ -54,14 +54,7 @@ def average_models(model_dirs: list[Path]):
 def soup_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train one ingredient per seed, average them into ``run_dir/model`` and publish it; the summary of the
     first ingredient with ``soup`` (per-ingredient dev figures and the soup's)."""
-    from kefu_triage.train.loop import (
-        STATE_FILE,
-        continued_run_dir,
-        finalize_model_dir,
-        part_config,
-        save_and_score,
-        train,
-    )
+    from kefu_triage.train.loop import continued_run_dir, finalize_model_dir, save_and_score, train_part
 
     run_dir = Path(run_dir)
     t = cfg.trainer
@@ -69,20 +62,13 @@ def soup_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     base = continued_run_dir(cfg, run_dir, "ingredient0")
     summaries = []
     for i, seed in enumerate(seeds):
-        d = base / f"ingredient{i}"
-        done = d / "model" / "data_summary.json"
-        if t.get("resume") and done.is_file():  # a finished ingredient of the run being continued
-            summaries.append(json.loads(done.read_text())["training"])
-            continue
         updates = {
             "trainer.soup_seeds": [],
             "trainer.seed": seed,
             "trainer.init_seed": seeds[0],  # one start for every ingredient
-            "trainer.resume": bool(t.get("resume")) and (d / "checkpoint" / STATE_FILE).is_file(),
-            "trainer.resume_dir": str(d) if t.get("resume") else None,
         }
         print(f"model soup: ingredient {i + 1}/{len(seeds)} (trainer.seed={seed})")
-        summaries.append(train(part_config(cfg, updates), d))
+        summaries.append(train_part(cfg, base / f"ingredient{i}", updates))
 
     taxonomy = taxonomy_from_config(cfg.taxonomy)
     splits = load_split_records(cfg.data, taxonomy)
@@ -103,7 +89,7 @@ def soup_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         + ": "
         + " ".join(f"dev_{k}={v:.4f}" for k, v in dev.items())
     )
-    log = (base / "ingredient0" / "model" / "train_log.jsonl").read_text().splitlines()
+    log = (base / "ingredient0" / "model" / "train_log.jsonl").read_text(encoding="utf-8").splitlines()
     state = {"history": [json.loads(line) for line in log if line]}  # the first ingredient's epochs
     finalize_model_dir(
         cfg, run_dir, taxonomy, splits, state, summary, t.get("publish_dir"), weights_dir=weights_dir
