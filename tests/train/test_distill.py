@@ -184,3 +184,18 @@ def test_distill_follows_the_lr_schedule_setting(smoke, tmp_path):
     # after the last epoch a linear schedule has decayed to 0; a constant one is still at the peak rate
     assert lrs["linear"][-1] == 0.0
     assert lrs["constant_with_warmup"] == [float(cfg.distill.lr)] * len(lrs["constant_with_warmup"])
+
+
+def test_bf16_distillation_learns_and_keeps_float32_weights(smoke, tmp_path):
+    plain = distill(_cfg(tmp_path / "p", smoke), tmp_path / "p" / "run")
+    bf16 = distill(_cfg(tmp_path / "b", smoke, "distill.mixed_precision=bf16"), tmp_path / "b" / "run")
+    assert plain["mixed_precision"] == "no" and bf16["mixed_precision"] == "bf16"
+    history = [
+        json.loads(x) for x in (tmp_path / "b" / "student" / "train_log.jsonl").read_text().splitlines()
+    ]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    student, reference = _weights(tmp_path / "b" / "student"), _weights(tmp_path / "p" / "student")
+    assert all(w.dtype == torch.float32 for w in student.values() if w.is_floating_point())
+    assert any(not torch.allclose(student[k], reference[k], atol=1e-4) for k in reference)
+    with pytest.raises(ValueError, match="distill.mixed_precision"):
+        distill(_cfg(tmp_path / "x", smoke, "distill.mixed_precision=half"), tmp_path / "x" / "run")

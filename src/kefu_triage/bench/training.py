@@ -3,8 +3,11 @@
 Each encoder runs in its own process (so peak RSS is its own): the real training step (forward, backward,
 AdamW, clipping) on batches of generated messages, timed after warm-up steps. A benchmark, not a test.
 
-    python -m kefu_triage.bench.training [--models tiny e5_small_zh] [--steps 20] [--batch-size 32]
-                                      [--context-turns 1] [--output reports/bench_train.json]
+    python -m kefu_triage.bench.training [--models tiny e5_small_zh] [--precisions no auto] [--steps 20]
+                                      [--batch-size 32] [--context-turns 1] [--output reports/bench_train.json]
+
+``--precisions``: each encoder once per setting of ``trainer.mixed_precision`` (``auto`` = bf16 autocast on a CPU
+with native bfloat16, else no); the table gives each one's speed relative to float32.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def measure(
     max_length: int,
     threads: int,
     context_turns: int = 1,
+    precision: str = "no",
 ) -> dict:
     import torch
     from omegaconf import OmegaConf
@@ -37,6 +41,10 @@ def measure(
     from kefu_triage.data.generator import generate_splits
     from kefu_triage.model.encoders import load_encoder
     from kefu_triage.model.multitask import KefuTriageConfig, KefuTriageModel, encode
+    from kefu_triage.train.loop import resolve_mixed_precision
+
+    precision = resolve_mixed_precision(precision, "cpu", "--precisions")
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -72,7 +80,10 @@ def measure(
             ),
         }
         t0 = time.perf_counter()
-        loss = model(**batch, **labels).loss
+        with torch.autocast(
+            "cpu", dtype=low or torch.bfloat16, enabled=low is not None
+        ):  # as accelerate does
+            loss = model(**batch, **labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -83,6 +94,7 @@ def measure(
     peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     return {
         "model": model_name,
+        "precision": precision,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "examples_per_s": steps * batch_size / sum(times),
         "tokens_per_s": n_tokens / sum(times),
@@ -96,6 +108,13 @@ def measure(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["tiny", "e5_small_zh"])
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["no", "auto"],
+        choices=["no", "bf16", "fp16", "auto"],
+        help="trainer.mixed_precision settings to compare",
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
@@ -107,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--output", default="reports/bench_train.json", help="also write the results as JSON here ('' = no)"
     )
-    p.add_argument("--one", help=argparse.SUPPRESS)  # child process: measure one encoder, print JSON
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--precision", default="no", help=argparse.SUPPRESS
+    )  # child process: measure one encoder, print JSON
     args = p.parse_args(argv)
     if args.one:
         print(
@@ -120,47 +142,62 @@ def main(argv: list[str] | None = None) -> int:
                     args.max_length,
                     args.threads,
                     args.context_turns,
+                    args.precision,
                 )
             )
         )
         return 0
+    from kefu_triage.train.loop import resolve_mixed_precision
+
+    # auto is bf16 or no on this machine: each resolved setting once
+    precisions = list(
+        dict.fromkeys(resolve_mixed_precision(x, "cpu", "--precisions") for x in args.precisions)
+    )
     results = []
     for name in args.models:
-        res = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "kefu_triage.bench.training",
-                "--one",
-                name,
-                "--steps",
-                str(args.steps),
-                "--warmup",
-                str(args.warmup),
-                "--batch-size",
-                str(args.batch_size),
-                "--max-length",
-                str(args.max_length),
-                "--threads",
-                str(args.threads),
-                "--context-turns",
-                str(args.context_turns),
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if res.returncode != 0:
-            print(f"{name}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
-            return 1
-        results.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        for precision in precisions:
+            res = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "kefu_triage.bench.training",
+                    "--one",
+                    name,
+                    "--precision",
+                    str(precision),
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--max-length",
+                    str(args.max_length),
+                    "--threads",
+                    str(args.threads),
+                    "--context-turns",
+                    str(args.context_turns),
+                ],
+                capture_output=True,
+                text=True,
+            )
+            if res.returncode != 0:
+                print(f"{name} ({precision}): failed\n{res.stderr[-2000:]}", file=sys.stderr)
+                return 1
+            results.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    fp32 = {r["model"]: r["examples_per_s"] for r in results if r["precision"] == "no"}
     print(
-        f"| encoder | params (M) | examples/s | tokens/s | ms/step (batch {args.batch_size}) | peak RSS (MB) |"
+        f"| encoder | precision | params (M) | examples/s | vs float32 | tokens/s | ms/step (batch {args.batch_size}) "
+        "| peak RSS (MB) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
+        base = fp32.get(r["model"])
+        r["speedup_vs_fp32"] = round(r["examples_per_s"] / base, 2) if base else None
+        ratio = f"{r['speedup_vs_fp32']:.2f}x" if base else "-"
         print(
-            f"| {r['model']} | {r['params_m']:.1f} | {r['examples_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
-            f"{r['step_ms']:.0f} | {r['peak_rss_mb']:.0f} |"
+            f"| {r['model']} | {r['precision']} | {r['params_m']:.1f} | {r['examples_per_s']:.1f} | {ratio} | "
+            f"{r['tokens_per_s']:.0f} | {r['step_ms']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
     if args.output:
         import platform
@@ -182,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                     "batch_size": args.batch_size,
                     "max_length": args.max_length,
                     "context_turns": args.context_turns,
+                    "precisions": precisions,
                 },
                 "results": results,
             },

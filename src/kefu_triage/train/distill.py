@@ -63,6 +63,7 @@ from kefu_triage.train.loop import (
     find_resume_dir,
     new_training_state,
     optimizer_and_schedule,
+    resolve_mixed_precision,
     write_train_log,
 )
 
@@ -382,6 +383,15 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     schedule = check_lr_schedule(d.get("lr_schedule", "linear"), "distill.lr_schedule")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    precision = resolve_mixed_precision(d.get("mixed_precision", "no"), "cpu", "distill.mixed_precision")
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def autocast():
+        # teacher scoring, the student's steps and dev scoring; the weights and the optimizer stay float32
+        return torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None)
+
+    if precision != str(d.get("mixed_precision", "no")):
+        print(f"mixed precision: {precision} (distill.mixed_precision={d.mixed_precision})")
     _seed_everything(d.seed)
     teacher_dir = Path(d.teacher_dir)
     teacher, tokenizer = _load_teacher(teacher_dir)
@@ -444,13 +454,14 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             f"teacher outputs on {len(transfer)} transfer ({origins}) + {len(dev_records)} dev + "
             f"{len(test_records)} test messages"
         )
-        targets = predict_logits(
-            teacher,
-            tokenizer,
-            transfer + dev_records + test_records,
-            batch_size=int(d.teacher_batch_size),
-            progress="teacher outputs" if d.progress_bar else None,
-        )
+        with autocast():
+            targets = predict_logits(
+                teacher,
+                tokenizer,
+                transfer + dev_records + test_records,
+                batch_size=int(d.teacher_batch_size),
+                progress="teacher outputs" if d.progress_bar else None,
+            )
     n_transfer, n_dev = len(transfer), len(dev_records)
     teacher_dev = {k: v[n_transfer : n_transfer + n_dev] for k, v in targets.items()}
     teacher_test = {k: v[n_transfer + n_dev :] for k, v in targets.items()}
@@ -507,7 +518,10 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             seen, t0 = 0, time.time()
             for idx in bar:
                 batch = data.batch(idx)
-                out = student(**{k: batch[k] for k in data.names})
+                with autocast():
+                    out = student(**{k: batch[k] for k in data.names})
+                for k in OUTPUT_NAMES:  # the losses in float32, against float32 teacher targets
+                    out[k] = out[k].float()
                 loss, parts = distill_loss(
                     student, out, batch, float(d.temperature), float(d.hard_weight), refund_ids
                 )
@@ -537,7 +551,10 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 if d.checkpoint_every_steps and state["global_step"] % d.checkpoint_every_steps == 0:
                     save_checkpoint()
             # ---- end of epoch: dev figures (labels and agreement with the teacher), best student
-            dev_logits = predict_logits(student, tokenizer, dev_records, batch_size=int(d.eval_batch_size))
+            with autocast():
+                dev_logits = predict_logits(
+                    student, tokenizer, dev_records, batch_size=int(d.eval_batch_size)
+                )
             dev = dev_metrics(dev_logits, dev_records, taxonomy, OmegaConf.to_container(d.selection_weights))
             dev["teacher_agreement"] = teacher_dev_agreement(dev_logits, teacher_dev)
             entry = {
@@ -569,6 +586,7 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         },
         "epochs_run": len(state["history"]),
         "distill_seconds": round(time.time() - started, 1),
+        "mixed_precision": precision,
         "teacher_dir": str(teacher_dir),
         "layers_kept": layers,
         "transfer_rows": origins,

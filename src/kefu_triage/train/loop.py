@@ -60,6 +60,29 @@ def check_lr_schedule(name: Any, key: str) -> str:
     return str(name)
 
 
+MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
+
+
+def native_cpu_bf16() -> bool:
+    """True when this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX). Elsewhere autocast to bf16 is
+    emulated and no faster than float32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private in torch.cpu: absent -> False
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_mixed_precision(value: Any, device: str, key: str = "trainer.mixed_precision") -> str:
+    """The precision a run uses: ``auto`` is bf16 on a CPU with native bfloat16 (else no) and on a GPU that has
+    it (else fp16); other values are kept. A ValueError naming ``key`` for anything else."""
+    value = "no" if value is False or value is None else str(value)  # YAML 1.1 reads a bare no as false
+    if value not in MIXED_PRECISION:
+        raise ValueError(f"{key} must be one of {list(MIXED_PRECISION)}, got {value!r}")
+    if value != "auto":
+        return value
+    if device == "cpu" or not torch.cuda.is_available():
+        return "bf16" if native_cpu_bf16() else "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def optimizer_and_schedule(
     model: torch.nn.Module,
     lr: float,
@@ -472,12 +495,21 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         raise ValueError("data: both train_file and dev_file are needed for training")
     train_records, dev_records = splits["train"], splits["dev"]
 
+    precision = resolve_mixed_precision(t.mixed_precision, t.device)
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
+        # accelerate keeps one precision per process; a later training in the same process (a notebook, the
+        # tests) may choose another. The process group (PartialState) is left as it is.
+        AcceleratorState._reset_state()
     accelerator = Accelerator(
         cpu=t.device == "cpu",
-        mixed_precision=t.mixed_precision,
+        mixed_precision=precision,
         gradient_accumulation_steps=t.grad_accum_steps,
     )
     is_main = accelerator.is_main_process
+    if is_main and precision != str(t.mixed_precision):
+        print(f"mixed precision: {precision} (trainer.mixed_precision={t.mixed_precision})")
     adapted = None
     if cfg.get("adapt") and cfg.adapt.get("unlabeled_file") and cfg.adapt.mlm.enabled:
         from kefu_triage.train.adapt import adapt_encoder  # domain-adaptive MLM on unlabelled turns (cached)
@@ -659,6 +691,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "best_dev": state["history"][state["best_epoch"] - 1],
         "epochs_run": len(state["history"]),
         "train_seconds": round(time.time() - started, 1),
+        "mixed_precision": precision,
     }
     if is_main:
         weights_dir = run_dir / "best"
