@@ -80,9 +80,8 @@ def measure(
             ),
         }
         t0 = time.perf_counter()
-        with torch.autocast(
-            "cpu", dtype=low or torch.bfloat16, enabled=low is not None
-        ):  # as accelerate does
+        # under autocast as accelerate runs it; backward and the optimizer outside, as there
+        with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
             loss = model(**batch, **labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -106,13 +105,15 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kefu_triage.train.loop import MIXED_PRECISION, resolve_mixed_precision
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["tiny", "e5_small_zh"])
     p.add_argument(
         "--precisions",
         nargs="+",
         default=["no", "auto"],
-        choices=["no", "bf16", "fp16", "auto"],
+        choices=MIXED_PRECISION,
         help="trainer.mixed_precision settings to compare",
     )
     p.add_argument("--steps", type=int, default=20)
@@ -126,10 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--output", default="reports/bench_train.json", help="also write the results as JSON here ('' = no)"
     )
+    # child process: measure one encoder at one precision, print JSON
     p.add_argument("--one", help=argparse.SUPPRESS)
-    p.add_argument(
-        "--precision", default="no", help=argparse.SUPPRESS
-    )  # child process: measure one encoder, print JSON
+    p.add_argument("--precision", default="no", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
         print(
@@ -147,8 +147,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         return 0
-    from kefu_triage.train.loop import resolve_mixed_precision
-
     # auto is bf16 or no on this machine: each resolved setting once
     precisions = list(
         dict.fromkeys(resolve_mixed_precision(x, "cpu", "--precisions") for x in args.precisions)
