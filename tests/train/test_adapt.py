@@ -335,3 +335,40 @@ def test_dapt_and_self_training_compose_with_smoke_training(tmp_path):
         assert (d / "model.safetensors").is_file() and (d / LOG_FILE).is_file()
     data_summary = json.loads((root / "pub" / "data_summary.json").read_text())
     assert data_summary["splits"]["train"]["rows"] == 192 + log[1]["kept"]
+
+
+def test_dapt_under_bf16_is_its_own_cache_entry_and_still_learns(tmp_path):
+    unlabeled = write_unlabeled(tmp_path / "turns.jsonl", n=56)
+    _, _, plain = A.adapt_encoder(_cfg(tmp_path, unlabeled))
+    enc, _, bf16 = A.adapt_encoder(_cfg(tmp_path, unlabeled, "trainer.mixed_precision=bf16"))
+    assert plain["spec"]["settings"]["mixed_precision"] == "no"
+    assert bf16["built"] and bf16["spec"]["settings"]["mixed_precision"] == "bf16"
+    assert bf16["key"] != plain["key"]  # a float32 encoder is never served for a bf16 request, or back
+    assert bf16["stats"]["mlm_loss_after"] < bf16["stats"]["mlm_loss_before"]
+    assert all(v.dtype == torch.float32 for v in _encoder_weights(enc).values() if v.is_floating_point())
+
+
+def test_pseudo_labelling_passes_follow_the_precision():
+    from kefu_triage.model.multitask import KefuTriageConfig, KefuTriageModel
+    from kefu_triage.train.self_training import mc_probabilities
+
+    taxonomy = load_taxonomy()
+    encoder, tokenizer = load_encoder(compose("train", SMOKE_OVERRIDES).model)
+    torch.manual_seed(0)
+    model = KefuTriageModel.from_encoder(
+        encoder,
+        KefuTriageConfig(
+            intent_labels=taxonomy.intent_names, intent_routes=taxonomy.routes, encoder_name="tiny"
+        ),
+    )
+    records = [
+        {"text": t, "context": []}
+        for t in ("这双鞋我想退掉换个码", "昨天下的单怎么还没发", "能开个公司抬头的票吗")
+    ]
+    fp32 = mc_probabilities(model, tokenizer, records, passes=2, seed=3)
+    again = mc_probabilities(model, tokenizer, records, passes=2, seed=3)
+    bf16 = mc_probabilities(model, tokenizer, records, passes=2, seed=3, precision="bf16")
+    assert np.array_equal(fp32["mc_intent"], again["mc_intent"])  # deterministic for a seed
+    assert bf16["intent"].dtype == np.float32 and bf16["intent"].shape == fp32["intent"].shape
+    assert not np.array_equal(bf16["intent"], fp32["intent"])  # really computed in bfloat16
+    assert np.allclose(bf16["intent"], fp32["intent"], atol=0.05)

@@ -41,10 +41,9 @@ def measure(
     from kefu_triage.data.generator import generate_splits
     from kefu_triage.model.encoders import load_encoder
     from kefu_triage.model.multitask import KefuTriageConfig, KefuTriageModel, encode
-    from kefu_triage.train.loop import resolve_mixed_precision
+    from kefu_triage.train.loop import autocast, resolve_mixed_precision
 
     precision = resolve_mixed_precision(precision, "cpu", "--precisions")
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -81,7 +80,7 @@ def measure(
         }
         t0 = time.perf_counter()
         # under autocast as accelerate runs it; backward and the optimizer outside, as there
-        with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
+        with autocast(precision):
             loss = model(**batch, **labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -55,7 +55,13 @@ from kefu_triage.core.fileio import atomic_directory, atomic_write_json, sha256_
 from kefu_triage.core.inputs import clean_text, encode_inputs
 from kefu_triage.model.encoders import MANIFEST, _build_lock, load_encoder, verify_cached_encoder
 from kefu_triage.model.multitask import input_tokenizer
-from kefu_triage.train.loop import LengthGroupedSampler, TrainingInterrupted, _StopFlag
+from kefu_triage.train.loop import (
+    LengthGroupedSampler,
+    TrainingInterrupted,
+    _StopFlag,
+    autocast,
+    resolve_mixed_precision,
+)
 
 log = logging.getLogger(__name__)
 ADAPT_VERSION = 2  # bump when the recipe changes what a cached adapted encoder holds
@@ -432,6 +438,9 @@ def adapt_encoder(cfg: DictConfig, exclude_records: list[dict[str, Any]] = ()) -
     )
     eval_records = [records[i] for i in order[:n_eval]]
     train_records = [records[i] for i in order[n_eval:]]
+    # the MLM steps follow trainer.mixed_precision, but only as bf16: fp16 would need a gradient scaler
+    precision = resolve_mixed_precision(cfg.trainer.get("mixed_precision", "no"), str(cfg.trainer.device))
+    precision = "bf16" if precision == "bf16" else "no"
     spec = {
         "adapt_version": ADAPT_VERSION,
         "encoder": {"name": str(cfg.model.name), "fingerprint": encoder_fingerprint(base, tokenizer)},
@@ -447,6 +456,7 @@ def adapt_encoder(cfg: DictConfig, exclude_records: list[dict[str, Any]] = ()) -
             **{k: mlm[k] for k in RESULT_SETTINGS},
             "context_turns": context_turns,
             "max_length": max_length,
+            "mixed_precision": precision,
         },
     }
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
@@ -467,7 +477,9 @@ def adapt_encoder(cfg: DictConfig, exclude_records: list[dict[str, Any]] = ()) -
         # run (the checkpoint restores it), and the caller's RNG is left alone
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(mlm["seed"]))
-            stats = _run_mlm(cfg, adapt, mlm, base, tokenizer, train_records, eval_records, path, key)
+            stats = _run_mlm(
+                cfg, adapt, mlm, base, tokenizer, train_records, eval_records, path, key, precision
+            )
         stats["data"] = data_report
         with atomic_directory(path) as tmp:
             base.save_pretrained(tmp)
@@ -498,8 +510,10 @@ def _run_mlm(
     eval_records: list[dict],
     path: Path,
     key: str,
+    precision: str = "no",
 ) -> dict[str, Any]:
-    """Train BertForMaskedLM around ``encoder`` (updated in place) with resumable checkpoints; the stats."""
+    """Train BertForMaskedLM around ``encoder`` (updated in place) with resumable checkpoints; the stats.
+    ``precision`` "bf16": the training steps run under autocast (the held-out loss stays float32)."""
     from transformers import get_linear_schedule_with_warmup
 
     started = time.time()
@@ -595,7 +609,8 @@ def _run_mlm(
             for b in bar:
                 batch = masker([train_ex[i] for i in batches[b]], _batch_key(seed, epoch, b))
                 head_only = state["step"] < head_warmup
-                loss, _ = mlm_loss(model, {k: v.to(device) for k, v in batch.items()}, not head_only)
+                with autocast(precision, device.type):
+                    loss, _ = mlm_loss(model, {k: v.to(device) for k, v in batch.items()}, not head_only)
                 loss.backward()
                 # the decoder is tied to the word embeddings: during warm-up they stay as they are too
                 if head_only:

@@ -58,6 +58,7 @@ from kefu_triage.train.loop import (
     _seed_everything,
     _set_rng_state,
     _StopFlag,
+    autocast,
     check_lr_schedule,
     finalize_model_dir,
     find_resume_dir,
@@ -383,13 +384,8 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     schedule = check_lr_schedule(d.get("lr_schedule", "linear"), "distill.lr_schedule")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # teacher scoring, the student's steps and dev scoring run under autocast; weights and optimizer stay float32
     precision = resolve_mixed_precision(d.get("mixed_precision", "no"), "cpu", "distill.mixed_precision")
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-    def autocast():
-        # teacher scoring, the student's steps and dev scoring; the weights and the optimizer stay float32
-        return torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None)
-
     if precision != str(d.get("mixed_precision", "no")):
         print(f"mixed precision: {precision} (distill.mixed_precision={d.mixed_precision})")
     _seed_everything(d.seed)
@@ -454,7 +450,7 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             f"teacher outputs on {len(transfer)} transfer ({origins}) + {len(dev_records)} dev + "
             f"{len(test_records)} test messages"
         )
-        with autocast():
+        with autocast(precision):
             targets = predict_logits(
                 teacher,
                 tokenizer,
@@ -518,7 +514,7 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             seen, t0 = 0, time.time()
             for idx in bar:
                 batch = data.batch(idx)
-                with autocast():
+                with autocast(precision):
                     out = student(**{k: batch[k] for k in data.names})
                 for k in OUTPUT_NAMES:  # the losses in float32, against float32 teacher targets
                     out[k] = out[k].float()
@@ -551,7 +547,7 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 if d.checkpoint_every_steps and state["global_step"] % d.checkpoint_every_steps == 0:
                     save_checkpoint()
             # ---- end of epoch: dev figures (labels and agreement with the teacher), best student
-            with autocast():
+            with autocast(precision):
                 dev_logits = predict_logits(
                     student, tokenizer, dev_records, batch_size=int(d.eval_batch_size)
                 )

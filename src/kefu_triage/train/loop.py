@@ -83,6 +83,13 @@ def resolve_mixed_precision(value: Any, device: str, key: str = "trainer.mixed_p
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def autocast(precision: str, device_type: str = "cpu"):
+    """torch.autocast for a resolved precision (bf16 or fp16); a context that does nothing for "no". For the
+    loops that run without accelerate (distillation, domain adaptation, pseudo-labelling, bench-train)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def optimizer_and_schedule(
     model: torch.nn.Module,
     lr: float,
