@@ -25,6 +25,18 @@ def _dev(summary):
     return {k: v for k, v in summary["best_dev"].items() if k != "examples_per_s"}  # all but wall-clock speed
 
 
+def _stopped_and_resumed(root, smoke, *extra):
+    """Train with ``extra``, stopped after 4 steps (like SIGTERM) in root/run, then resumed from that
+    checkpoint into root/run2: ``(summary, published weights)`` of the resumed run."""
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(root, smoke, *extra, "trainer.stop_after_steps=4"), root / "run")
+    summary = train(
+        _cfg(root, smoke, *extra, "trainer.resume=true", f"trainer.resume_dir={root / 'run'}"),
+        root / "run2",
+    )
+    return summary, _weights(root / "run2" / "model")
+
+
 def test_smoke_run_leaves_a_complete_model_dir(smoke):
     model_dir = smoke["model_dir"]
     for name in (
@@ -270,16 +282,8 @@ def test_ema_weights_are_published_and_resume_exactly(smoke, tmp_path):
     plain = _weights(tmp_path / "p" / "run" / "model")
     assert any(not torch.allclose(published[k], plain[k]) for k in plain)
 
-    with pytest.raises(TrainingInterrupted):
-        train(_cfg(tmp_path / "c", smoke, ema, "trainer.stop_after_steps=4"), tmp_path / "c" / "run")
-    resumed = train(
-        _cfg(
-            tmp_path / "c", smoke, ema, "trainer.resume=true", f"trainer.resume_dir={tmp_path / 'c' / 'run'}"
-        ),
-        tmp_path / "c" / "run2",
-    )
+    resumed, again = _stopped_and_resumed(tmp_path / "c", smoke, ema)
     assert _dev(resumed) == _dev(a)
-    again = _weights(tmp_path / "c" / "run2" / "model")
     assert all(torch.allclose(published[k], again[k], atol=1e-6) for k in published)
     with pytest.raises(ValueError, match="ema_decay must be in"):
         train(_cfg(tmp_path / "bad", smoke, "trainer.ema_decay=1.5"), tmp_path / "bad" / "run")
@@ -344,22 +348,7 @@ def test_wise_alpha_publishes_the_encoder_interpolated_towards_its_start(smoke, 
     assert any(not torch.allclose(start_h[k], tuned[k], atol=1e-4) for k in encoder)  # training moved it
 
     # a run stopped and resumed interpolates towards the same start, not towards the checkpoint
-    with pytest.raises(TrainingInterrupted):
-        train(
-            _cfg(tmp_path / "c", smoke, "trainer.wise_alpha=0.5", "trainer.stop_after_steps=4"),
-            tmp_path / "c" / "run",
-        )
-    train(
-        _cfg(
-            tmp_path / "c",
-            smoke,
-            "trainer.wise_alpha=0.5",
-            "trainer.resume=true",
-            f"trainer.resume_dir={tmp_path / 'c' / 'run'}",
-        ),
-        tmp_path / "c" / "run2",
-    )
-    resumed = _weights(tmp_path / "c" / "run2" / "model")
+    _, resumed = _stopped_and_resumed(tmp_path / "c", smoke, "trainer.wise_alpha=0.5")
     assert all(torch.allclose(resumed[k], half[k], atol=1e-6) for k in half)
 
     class Tiny(torch.nn.Module):
@@ -407,20 +396,5 @@ def test_bf16_training_runs_under_autocast_and_publishes_float32_weights(smoke, 
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
     # stopped and resumed under bf16: the same weights as the uninterrupted bf16 run
-    with pytest.raises(TrainingInterrupted):
-        train(
-            _cfg(tmp_path / "c", smoke, "trainer.mixed_precision=bf16", "trainer.stop_after_steps=4"),
-            tmp_path / "c" / "run",
-        )
-    train(
-        _cfg(
-            tmp_path / "c",
-            smoke,
-            "trainer.mixed_precision=bf16",
-            "trainer.resume=true",
-            f"trainer.resume_dir={tmp_path / 'c' / 'run'}",
-        ),
-        tmp_path / "c" / "run2",
-    )
-    resumed = _weights(tmp_path / "c" / "run2" / "model")
+    _, resumed = _stopped_and_resumed(tmp_path / "c", smoke, "trainer.mixed_precision=bf16")
     assert all(torch.allclose(weights[k], resumed[k], atol=1e-6) for k in weights)

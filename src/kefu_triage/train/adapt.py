@@ -60,7 +60,7 @@ from kefu_triage.train.loop import (
     TrainingInterrupted,
     _StopFlag,
     autocast,
-    resolve_mixed_precision,
+    trainer_precision,
 )
 
 log = logging.getLogger(__name__)
@@ -439,8 +439,7 @@ def adapt_encoder(cfg: DictConfig, exclude_records: list[dict[str, Any]] = ()) -
     eval_records = [records[i] for i in order[:n_eval]]
     train_records = [records[i] for i in order[n_eval:]]
     # the MLM steps follow trainer.mixed_precision, but only as bf16: fp16 would need a gradient scaler
-    precision = resolve_mixed_precision(cfg.trainer.get("mixed_precision", "no"), str(cfg.trainer.device))
-    precision = "bf16" if precision == "bf16" else "no"
+    precision = "bf16" if trainer_precision(cfg) == "bf16" else "no"
     spec = {
         "adapt_version": ADAPT_VERSION,
         "encoder": {"name": str(cfg.model.name), "fingerprint": encoder_fingerprint(base, tokenizer)},

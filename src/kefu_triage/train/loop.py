@@ -83,6 +83,11 @@ def resolve_mixed_precision(value: Any, device: str, key: str = "trainer.mixed_p
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def trainer_precision(cfg: DictConfig) -> str:
+    """The precision ``cfg.trainer`` asks for, resolved on this machine (training, DAPT, pseudo-labelling)."""
+    return resolve_mixed_precision(cfg.trainer.get("mixed_precision", "no"), str(cfg.trainer.device))
+
+
 def autocast(precision: str, device_type: str = "cpu"):
     """torch.autocast for a resolved precision (bf16 or fp16); a context that does nothing for "no". For the
     loops that run without accelerate (distillation, domain adaptation, pseudo-labelling, bench-train)."""
@@ -502,7 +507,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         raise ValueError("data: both train_file and dev_file are needed for training")
     train_records, dev_records = splits["train"], splits["dev"]
 
-    precision = resolve_mixed_precision(t.mixed_precision, t.device)
+    precision = trainer_precision(cfg)
     from accelerate.state import AcceleratorState
 
     if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:

@@ -40,7 +40,7 @@ from kefu_triage.core.taxonomy import Taxonomy, taxonomy_from_config
 from kefu_triage.data.records import load_split_records
 from kefu_triage.model.multitask import length_ordered_batches, load_model
 from kefu_triage.train.adapt import AdaptationError, adapt_settings, load_unlabeled
-from kefu_triage.train.loop import autocast, resolve_mixed_precision
+from kefu_triage.train.loop import autocast, trainer_precision
 
 LOG_FILE = "self_training.jsonl"
 DEFAULTS = {
@@ -212,9 +212,7 @@ def self_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 int(st["mc_passes"]),
                 int(st["batch_size"]),
                 seed=int(cfg.trainer.seed) + r,
-                precision=resolve_mixed_precision(
-                    cfg.trainer.get("mixed_precision", "no"), str(cfg.trainer.device)
-                ),
+                precision=trainer_precision(cfg),
                 progress=f"round {r}: pseudo-labelling ({1 + int(st['mc_passes'])} passes)"
                 if cfg.trainer.get("progress_bar", True)
                 else None,
