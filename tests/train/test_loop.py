@@ -270,6 +270,35 @@ def test_heads_learn_at_head_lr_scale_times_the_encoder_rate(smoke):
         optimizer_and_schedule(model, 1e-4, 0.01, "linear", 0.0, 10, head_lr_scale=0)
 
 
+def test_layer_lr_decay_slows_each_lower_encoder_layer(smoke):
+    from kefu_triage.model.multitask import load_model
+    from kefu_triage.train.loop import optimizer_and_schedule
+
+    model, _ = load_model(smoke["model_dir"])
+    named = dict(model.named_parameters())
+    layers = sorted({int(n.split(".layer.")[1].split(".")[0]) for n in named if ".layer." in n})
+    top = layers[-1]
+
+    def rates(**kw):
+        optimizer, _ = optimizer_and_schedule(model, 1e-4, 0.01, "linear", 0.0, 10, head_lr_scale=10, **kw)
+        out = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        assert len(out) == len(named)  # every parameter in exactly one group
+        return {n: out[id(p)] for n, p in named.items()}
+
+    decayed, plain = rates(layer_lr_decay=0.5), rates()
+    assert set(plain.values()) == {1e-4, 1e-3}  # 1.0 (the default) leaves the rates as they were
+    dense = "attention.output.dense.weight"
+    for layer in layers:
+        name = next(n for n in named if f".layer.{layer}.{dense}" in n)
+        assert decayed[name] == pytest.approx(1e-4 * 0.5 ** (top - layer))
+    word = next(n for n in named if "word_embeddings" in n)
+    assert decayed[word] == pytest.approx(1e-4 * 0.5 ** len(layers))  # one step below the first layer
+    assert decayed["intent_head.weight"] == pytest.approx(1e-3)  # the heads keep head_lr_scale x lr
+    for bad in (0.0, 1.5, "0.9", True):
+        with pytest.raises(ValueError, match="layer_lr_decay must be in"):
+            rates(layer_lr_decay=bad)
+
+
 def test_ema_weights_are_published_and_resume_exactly(smoke, tmp_path):
     ema = "trainer.ema_decay=0.9"
     a = train(_cfg(tmp_path / "a", smoke, ema, "trainer.keep_checkpoint=true"), tmp_path / "a" / "run")
@@ -323,6 +352,35 @@ def test_rdrop_penalises_disagreement_between_dropout_passes(smoke, tmp_path):
         train(_cfg(tmp_path / "bad", smoke, "trainer.rdrop_alpha=-1"), tmp_path / "bad" / "run")
 
 
+def test_class_weight_bias_is_taken_out_of_the_published_intent_head(smoke, tmp_path):
+    from kefu_triage.model.multitask import load_model
+
+    plain = train(_cfg(tmp_path / "p", smoke), tmp_path / "p" / "run")
+    weighted = _weights(tmp_path / "p" / "run" / "model")
+    removed = train(
+        _cfg(tmp_path / "b", smoke, "trainer.remove_class_weight_bias=true"), tmp_path / "b" / "run"
+    )
+    published = _weights(tmp_path / "b" / "run" / "model")
+    assert _dev(removed) == _dev(plain)  # the same training; only the published intent bias differs
+
+    model, _ = load_model(tmp_path / "b" / "run" / "model")
+    w = torch.tensor(model.config.intent_class_weights)
+    assert w.min() < w.max()  # the smoke data is imbalanced, so the weights tilt the head
+    expected = weighted["intent_head.bias"] - torch.log(w)
+    assert torch.allclose(published["intent_head.bias"], expected, atol=1e-6)
+    assert all(torch.equal(published[k], weighted[k]) for k in weighted if k != "intent_head.bias")
+    assert model.config.class_weight_bias_removed
+    assert removed["class_weight_bias"]["removed"] == pytest.approx(torch.log(w).tolist(), abs=1e-5)
+    assert "intent_macro_f1" in removed["class_weight_bias"]["dev"]
+    assert not (tmp_path / "b" / "run" / "adjusted").exists()  # consumed like best/
+    with pytest.raises(ValueError, match="already removed"):
+        model.remove_class_weight_bias()  # twice would tilt the head the other way
+    with pytest.raises(ValueError, match="remove_class_weight_bias must be true or false"):
+        train(
+            _cfg(tmp_path / "bad", smoke, "trainer.remove_class_weight_bias=maybe"), tmp_path / "bad" / "run"
+        )
+
+
 def test_wise_alpha_publishes_the_encoder_interpolated_towards_its_start(smoke, tmp_path):
     from kefu_triage.train.loop import interpolate_encoder
 
@@ -337,7 +395,7 @@ def test_wise_alpha_publishes_the_encoder_interpolated_towards_its_start(smoke, 
     assert halves["wise_ft"]["alpha"] == 0.5 and "intent_macro_f1" in halves["wise_ft"]["dev"]
     summary = json.loads((tmp_path / "h" / "run" / "model" / "data_summary.json").read_text())
     assert summary["training"]["wise_ft"] == halves["wise_ft"]
-    assert not (tmp_path / "h" / "run" / "interpolated").exists()  # consumed like best/
+    assert not (tmp_path / "h" / "run" / "adjusted").exists()  # consumed like best/
     heads = [k for k in tuned if not k.startswith("encoder.")]
     assert heads and all(torch.equal(half[k], tuned[k]) for k in heads)
     encoder = [k for k in tuned if k.startswith("encoder.") and tuned[k].is_floating_point()]

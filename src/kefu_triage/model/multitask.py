@@ -46,6 +46,7 @@ class KefuTriageConfig(PretrainedConfig):
         label_smoothing: float = 0.0,
         context_turns: int = 0,
         max_seq_length: int = 128,
+        class_weight_bias_removed: bool = False,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -66,6 +67,8 @@ class KefuTriageConfig(PretrainedConfig):
         self.label_smoothing = float(label_smoothing)
         self.context_turns = int(context_turns)
         self.max_seq_length = int(max_seq_length)  # not "max_length": transformers reserves it for generation
+        # True once log(intent_class_weights) was taken out of the intent head's bias (remove_class_weight_bias)
+        self.class_weight_bias_removed = bool(class_weight_bias_removed)
 
     @property
     def num_intents(self) -> int:
@@ -139,6 +142,21 @@ class KefuTriageModel(PreTrainedModel):
             ),
             persistent=False,
         )
+
+    def remove_class_weight_bias(self) -> list[float]:
+        """Subtract log(w_c) from the intent head's bias, in place, and return the offsets subtracted.
+
+        A loss that weights intent c by w_c trains the head towards p(c|x)·w_c (renormalised), so rare intents
+        win more often than the data supports. That helps the features learn rare intents; at serving time it is
+        a tilt away from the intents that make up most real traffic. Subtracting log w_c from the logits removes
+        the tilt exactly (post-hoc logit adjustment, Menon et al., ICLR 2021) and keeps the features."""
+        if self.config.class_weight_bias_removed:
+            raise ValueError("the class-weight bias was already removed from this model's intent head")
+        offsets = torch.log(self.intent_class_weights.to(self.intent_head.bias))
+        with torch.no_grad():
+            self.intent_head.bias -= offsets
+        self.config.class_weight_bias_removed = True
+        return [round(float(x), 6) for x in offsets]
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

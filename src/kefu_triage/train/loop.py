@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import random
+import re
 import shutil
 import signal
 import sys
@@ -95,6 +96,19 @@ def autocast(precision: str, device_type: str = "cpu"):
     return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
+# "encoder.encoder.layer.7.attention..." -> 7 (BERT-style layer stacks)
+LAYER_INDEX = re.compile(r"\.layer\.(\d+)\.")
+
+
+def encoder_depth(name: str, num_layers: int) -> int:
+    """How many layers a parameter sits below the top of the encoder: 0 for the top transformer layer (and
+    for everything outside the layer stack, such as the heads or a pooler), ``num_layers`` for the embeddings."""
+    match = LAYER_INDEX.search(name)
+    if match:
+        return num_layers - 1 - int(match.group(1))
+    return num_layers if ".embeddings." in f".{name}" else 0
+
+
 def optimizer_and_schedule(
     model: torch.nn.Module,
     lr: float,
@@ -103,27 +117,41 @@ def optimizer_and_schedule(
     warmup_ratio: float,
     total_steps: int,
     head_lr_scale: float = 1.0,
+    layer_lr_decay: float = 1.0,
 ):
     """AdamW (no decay on biases and norms) and the warm-up + ``schedule`` learning-rate schedule, as
     fine-tuning and distillation both use them. The three heads learn at ``head_lr_scale`` x ``lr``: they
     start from random weights on top of pooled states that differ little between messages, so at the
-    encoder's rate their logits stay small for the whole run (an under-fitted, under-confident model)."""
+    encoder's rate their logits stay small for the whole run (an under-fitted, under-confident model).
+    With ``layer_lr_decay`` < 1 each encoder layer learns at that factor times the rate of the layer above
+    it (the embeddings one step below the first layer): the lower layers, which hold most of what
+    pretraining learnt about real text, move least (layer-wise learning-rate decay)."""
     from transformers import get_scheduler
 
     if not float(head_lr_scale) > 0:
         raise ValueError(f"trainer.head_lr_scale must be > 0, got {head_lr_scale!r}")
+    if (
+        isinstance(layer_lr_decay, bool)
+        or not isinstance(layer_lr_decay, (int, float))
+        or not 0 < layer_lr_decay <= 1
+    ):
+        raise ValueError(f"trainer.layer_lr_decay must be in (0, 1], got {layer_lr_decay!r}")
     no_decay = ("bias", "LayerNorm.weight", "layer_norm", "ln")
     heads = tuple(f"{name}." for name in KefuTriageModel.HEAD_MODULES)
-    params = []
-    for is_head in (False, True):
-        named = [(n, p) for n, p in model.named_parameters() if n.startswith(heads) == is_head]
-        rate = float(lr) * (float(head_lr_scale) if is_head else 1.0)
-        for decay in (True, False):
-            group = [p for n, p in named if any(x in n for x in no_decay) != decay]
-            if group:
-                params.append(
-                    {"params": group, "weight_decay": float(weight_decay) if decay else 0.0, "lr": rate}
-                )
+    named = list(model.named_parameters())
+    layers = [int(m.group(1)) for n, _ in named if (m := LAYER_INDEX.search(n))]
+    num_layers = max(layers) + 1 if layers else 0
+    groups: dict[tuple[float, bool], list] = {}
+    for n, p in named:
+        if n.startswith(heads):
+            rate = float(lr) * float(head_lr_scale)
+        else:
+            rate = float(lr) * float(layer_lr_decay) ** encoder_depth(n, num_layers)
+        groups.setdefault((rate, not any(x in n for x in no_decay)), []).append(p)
+    params = [
+        {"params": group, "weight_decay": float(weight_decay) if decay else 0.0, "lr": rate}
+        for (rate, decay), group in groups.items()
+    ]
     optimizer = torch.optim.AdamW(params, lr=float(lr))
     scheduler = get_scheduler(
         schedule,
@@ -434,6 +462,27 @@ def save_and_score(
     with atomic_directory(directory) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    return score_on_dev(model, tokenizer, dev_records, taxonomy, score_weights, batch_size)
+
+
+def published_dev(summary: dict[str, Any]) -> dict[str, float]:
+    """Dev figures of the weights a training published: after its last adjustment (class-weight bias, WiSE-FT),
+    else its best epoch's."""
+    for key in ("class_weight_bias", "wise_ft"):
+        if summary.get(key):
+            return summary[key]["dev"]
+    return summary["best_dev"]
+
+
+def score_on_dev(
+    model: torch.nn.Module,
+    tokenizer,
+    dev_records: list[dict[str, Any]],
+    taxonomy: Taxonomy,
+    score_weights: dict[str, float],
+    batch_size: int,
+) -> dict[str, float]:
+    """The dev metrics (rounded) of weights a training may publish."""
     dev = dev_metrics(
         predict_logits(model, tokenizer, dev_records, batch_size=batch_size),
         dev_records,
@@ -497,6 +546,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     schedule = check_lr_schedule(t.get("lr_schedule", "linear"), "trainer.lr_schedule")
     rdrop_alpha = check_rdrop_alpha(t.get("rdrop_alpha"))
     wise_alpha = check_wise_alpha(t.get("wise_alpha", 1.0))
+    remove_bias = t.get("remove_class_weight_bias", False)
+    if not isinstance(remove_bias, bool):
+        raise ValueError(f"trainer.remove_class_weight_bias must be true or false, got {remove_bias!r}")
     init_seed = t.get("init_seed")
     if init_seed is not None and (isinstance(init_seed, bool) or not isinstance(init_seed, int)):
         raise ValueError(f"trainer.init_seed must be an integer or null, got {init_seed!r}")
@@ -559,6 +611,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         cfg.model.warmup_ratio,
         total_steps,
         head_lr_scale=t.get("head_lr_scale", 1.0),
+        layer_lr_decay=t.get("layer_lr_decay", 1.0),
     )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     # accelerate saves and restores these with the checkpoint (model, optimizer, scheduler, RNGs)
@@ -707,19 +760,33 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     }
     if is_main:
         weights_dir = run_dir / "best"
-        if start_encoder is not None:
-            # written beside best/ (never over it), so a resumed finished run interpolates the same weights again
+        if start_encoder is not None or remove_bias:
+            # written beside best/ (never over it), so a resumed finished run adjusts the same weights again
             best, _ = load_model(weights_dir)
-            interpolate_encoder(best, start_encoder, wise_alpha)
-            weights_dir = run_dir / "interpolated"
-            dev = save_and_score(
-                best, tokenizer, weights_dir, dev_records, taxonomy, score_weights, t.eval_batch_size
-            )
-            summary["wise_ft"] = {"alpha": wise_alpha, "dev": dev}
-            print(
-                f"WiSE-FT: encoder = {wise_alpha:g} x fine-tuned + {1 - wise_alpha:g} x start; published model "
-                + " ".join(f"dev_{k}={v:.4f}" for k, v in dev.items())
-            )
+            weights_dir = run_dir / "adjusted"
+
+            def score_dev(model):
+                return score_on_dev(model, tokenizer, dev_records, taxonomy, score_weights, t.eval_batch_size)
+
+            if start_encoder is not None:
+                interpolate_encoder(best, start_encoder, wise_alpha)
+                dev = score_dev(best)
+                summary["wise_ft"] = {"alpha": wise_alpha, "dev": dev}
+                print(
+                    f"WiSE-FT: encoder = {wise_alpha:g} x fine-tuned + {1 - wise_alpha:g} x start; "
+                    + " ".join(f"dev_{k}={v:.4f}" for k, v in dev.items())
+                )
+            if remove_bias:
+                offsets = best.remove_class_weight_bias()
+                dev = score_dev(best)
+                summary["class_weight_bias"] = {"removed": offsets, "dev": dev}
+                print(
+                    "class-weight bias removed from the intent head (logits - log w); "
+                    + " ".join(f"dev_{k}={v:.4f}" for k, v in dev.items())
+                )
+            with atomic_directory(weights_dir) as tmp:
+                best.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
         publish_dir = cfg.trainer.get("publish_dir")
         finalize_model_dir(
             cfg, run_dir, taxonomy, splits, state, summary, publish_dir, weights_dir=weights_dir
@@ -727,7 +794,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         if not t.get("keep_checkpoint", False):
             # finished: the resumable state (weights + optimizer, ~3x the model) is no longer needed, including
             # the interrupted run's checkpoint this run continued; the best weights live on in run_dir/model
-            consumed = [ckpt_dir, run_dir / "best", run_dir / "interpolated"]
+            consumed = [ckpt_dir, run_dir / "best", run_dir / "adjusted"]
             if (
                 resume_from is not None
                 and resume_from.parent != run_dir

@@ -54,7 +54,13 @@ def average_models(model_dirs: list[Path]):
 def soup_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train one ingredient per seed, average them into ``run_dir/model`` and publish it; the summary of the
     first ingredient with ``soup`` (per-ingredient dev figures and the soup's)."""
-    from kefu_triage.train.loop import continued_run_dir, finalize_model_dir, save_and_score, train_part
+    from kefu_triage.train.loop import (
+        continued_run_dir,
+        finalize_model_dir,
+        published_dev,
+        save_and_score,
+        train_part,
+    )
 
     run_dir = Path(run_dir)
     t = cfg.trainer
@@ -78,10 +84,7 @@ def soup_train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     dev = save_and_score(
         soup, tokenizer, weights_dir, splits["dev"], taxonomy, score_weights, t.eval_batch_size
     )
-    figures = [
-        {"seed": s, "dev": (x.get("wise_ft") or {}).get("dev") or x["best_dev"]}
-        for s, x in zip(seeds, summaries, strict=True)
-    ]
+    figures = [{"seed": s, "dev": published_dev(x)} for s, x in zip(seeds, summaries, strict=True)]
     summary = {**summaries[0], "soup": {"seeds": seeds, "ingredients": figures, "dev": dev}}
     print(
         "model soup of "
