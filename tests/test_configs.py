@@ -50,6 +50,7 @@ POLICY_KEYS = [
     "policy.operating_point.max_bot_risk",
     "policy.operating_point.min_urgent_recall",
     "policy.operating_point.min_recoverable_capture",
+    "policy.operating_point.urgent_first_slack",
 ]
 MODEL_KEYS = [
     "model.name",

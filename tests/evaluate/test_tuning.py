@@ -92,3 +92,18 @@ def test_safety_metrics_rank_novelty():
     assert s["novelty"]["auroc_intent_error"] == 1.0
     assert s["combined"]["aurc"] <= s["confidence"]["aurc"]
     assert 0 <= s["urgent"]["traffic_share"] <= 1 and s["urgent"]["recall"] > 0.5
+
+
+def test_urgent_first_slack_trades_a_little_coverage_for_urgent_escalation():
+    probs, gold = _synthetic()
+    op = {"max_bot_risk": 0.2, "min_urgent_recall": 0.5, "min_recoverable_capture": 0.5}
+    plain = tune_thresholds(probs, gold, list(ROUTES), op)
+    first = tune_thresholds(probs, gold, list(ROUTES), {**op, "urgent_first_slack": 0.02})
+    p, f = plain["dev_metrics"], first["dev_metrics"]
+    # loose constraints: coverage alone picks a high urgent threshold; the slack buys urgent recall back
+    assert f["urgent_recall"] > p["urgent_recall"]
+    assert f["coverage"] >= p["coverage"] - 0.02 - 1e-9 and f["coverage"] <= p["coverage"]
+    assert first["thresholds"].urgent <= plain["thresholds"].urgent
+    assert first["constraints_met"] and plain["constraints_met"]
+    # no slack (the key absent or 0) is the plain coverage-first choice
+    assert tune_thresholds(probs, gold, list(ROUTES), {**op, "urgent_first_slack": 0.0}) == plain

@@ -124,7 +124,13 @@ def markdown(metrics: dict[str, Any], results: list[dict[str, Any]], taxonomy) -
         f"Evaluated on `{ds['eval_file']}` ({ds[ds['eval_split']]['rows']} messages); thresholds and "
         "temperatures tuned on dev for the operating point: maximise bot coverage subject to bot risk ≤ "
         f"{op['max_bot_risk']:.0%}, urgent recall ≥ {op['min_urgent_recall']:.0%}, recoverable capture ≥ "
-        f"{op['min_recoverable_capture']:.0%}.",
+        f"{op['min_recoverable_capture']:.0%}"
+        + (
+            f"; within {op['urgent_first_slack']:.0%} of that coverage, the point that escalates the most urgent "
+            "messages."
+            if op.get("urgent_first_slack")
+            else "."
+        ),
         "",
     ]
     if not op["constraints_met"]:

@@ -64,6 +64,7 @@ def tune_thresholds(
     max_risk = float(operating_point["max_bot_risk"])
     min_urgent = float(operating_point["min_urgent_recall"])
     min_capture = float(operating_point["min_recoverable_capture"])
+    slack = float(operating_point.get("urgent_first_slack", 0.0))
     qs = np.linspace(0, 1, grid)
 
     def candidates(values: np.ndarray) -> np.ndarray:
@@ -95,7 +96,7 @@ def tune_thresholds(
         csum = np.concatenate([np.zeros((mask.shape[0], 1)), np.cumsum(mask, axis=1)], axis=1)
         return csum[:, prefix]
 
-    best, best_key = None, None
+    points = []  # per (τ_urgent, τ_recoverable): its best point
     for tu, tr in itertools.product(candidates(probs["urgent"]), candidates(refund_rows)):
         policy = TriagePolicy(
             intent_routes, Thresholds(urgent=float(tu), recoverable=float(tr), confidence=0.0, margin=margin)
@@ -120,30 +121,42 @@ def tune_thresholds(
         nov_rank = np.broadcast_to(-nov_grid[:, None], shortfall.shape)
         flat = int(np.lexsort((nov_rank.ravel(), -coverage.ravel(), shortfall.ravel()))[0])
         v, i = np.unravel_index(flat, shortfall.shape)
-        key = (float(shortfall[v, i]), -float(coverage[v, i]))
-        if best_key is None or key < best_key:
-            th = Thresholds(
-                urgent=float(tu),
-                recoverable=float(tr),
-                confidence=float(conf_grid[i]),
-                margin=margin,
-                novelty=float(nov_grid[v]),
+        points.append(
+            (
+                float(shortfall[v, i]),
+                float(coverage[v, i]),
+                float(urgent_recall[v, i]),
+                float(risk[v, i]),
+                float(capture[v, i]),
+                Thresholds(
+                    urgent=float(tu),
+                    recoverable=float(tr),
+                    confidence=float(conf_grid[i]),
+                    margin=margin,
+                    novelty=float(nov_grid[v]),
+                ),
             )
-            d = TriagePolicy(intent_routes, th).decide_heads(probs)
-            best_key, best = (
-                key,
-                {
-                    "thresholds": th,
-                    "dev_metrics": triage_metrics(d.to_human, d.intent_id, gold),
-                    "shortfall": {
-                        "risk": max(0.0, float(risk[v, i]) - max_risk),
-                        "urgent_recall": max(0.0, min_urgent - float(urgent_recall[v, i])),
-                        "recoverable_capture": max(0.0, min_capture - float(capture[v, i])),
-                    },
-                },
-            )
-    assert best is not None
-    best["constraints_met"] = best_key[0] == 0
+        )
+    # smallest shortfall, then the largest coverage; with urgent_first_slack > 0, among the points within that
+    # much coverage of the largest, the one that escalates the most urgent messages (then the largest coverage)
+    least = min(p[0] for p in points)
+    feasible = [p for p in points if p[0] == least]
+    top = max(p[1] for p in feasible)
+    near = [p for p in feasible if p[1] >= top - slack - 1e-12]
+    shortfall_v, _, recall_v, risk_v, capture_v, th = max(
+        near, key=lambda p: (p[2], p[1]) if slack > 0 else (p[1],)
+    )
+    d = TriagePolicy(intent_routes, th).decide_heads(probs)
+    best = {
+        "thresholds": th,
+        "dev_metrics": triage_metrics(d.to_human, d.intent_id, gold),
+        "shortfall": {
+            "risk": max(0.0, risk_v - max_risk),
+            "urgent_recall": max(0.0, min_urgent - recall_v),
+            "recoverable_capture": max(0.0, min_capture - capture_v),
+        },
+    }
+    best["constraints_met"] = shortfall_v == 0
     return best
 
 
