@@ -1,6 +1,7 @@
 """kefu_triage.evaluate.tuning: threshold search for an operating point and the risk-coverage curve."""
 
 import numpy as np
+import pytest
 
 from kefu_triage.core.policy import Thresholds
 from kefu_triage.evaluate.metrics import Gold
@@ -107,3 +108,5 @@ def test_urgent_first_slack_trades_a_little_coverage_for_urgent_escalation():
     assert first["constraints_met"] and plain["constraints_met"]
     # no slack (the key absent or 0) is the plain coverage-first choice
     assert tune_thresholds(probs, gold, list(ROUTES), {**op, "urgent_first_slack": 0.0}) == plain
+    with pytest.raises(ValueError, match="urgent_first_slack must be a number in"):
+        tune_thresholds(probs, gold, list(ROUTES), {**op, "urgent_first_slack": -0.1})

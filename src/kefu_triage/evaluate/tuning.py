@@ -60,11 +60,17 @@ def tune_thresholds(
     ``grid`` quantiles each; when ``probs`` has ``"novelty"``, the novelty gate sweeps ``novelty_grid``
     values from "off" (1.0) down to the 50th percentile of held-out messages, jointly. When no point meets all,
     the one with the smallest total shortfall (then the largest coverage) is returned with
-    ``constraints_met: False`` and the shortfalls."""
+    ``constraints_met: False`` and the shortfalls. With ``urgent_first_slack`` > 0 in ``operating_point``, the
+    point returned is, among those within that much coverage of the best, the one with the highest dev urgent
+    recall (an urgent customer left to the bot is the worst error)."""
     max_risk = float(operating_point["max_bot_risk"])
     min_urgent = float(operating_point["min_urgent_recall"])
     min_capture = float(operating_point["min_recoverable_capture"])
-    slack = float(operating_point.get("urgent_first_slack", 0.0))
+    slack = operating_point.get("urgent_first_slack", 0.0)
+    if isinstance(slack, bool) or not isinstance(slack, (int, float)) or not 0 <= slack <= 1:
+        raise ValueError(
+            f"policy.operating_point.urgent_first_slack must be a number in [0, 1], got {slack!r}"
+        )
     qs = np.linspace(0, 1, grid)
 
     def candidates(values: np.ndarray) -> np.ndarray:
