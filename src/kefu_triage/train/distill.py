@@ -65,6 +65,7 @@ from kefu_triage.train.loop import (
     new_training_state,
     optimizer_and_schedule,
     resolve_mixed_precision,
+    save_weights,
     write_train_log,
 )
 
@@ -566,9 +567,7 @@ def distill(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             write_train_log(run_dir, state["history"])
             if dev["score"] > state["best_score"]:
                 state.update(best_score=dev["score"], best_epoch=epoch + 1)
-                with atomic_directory(run_dir / "best") as tmp:
-                    student.save_pretrained(tmp)
-                    tokenizer.save_pretrained(tmp)
+                save_weights(student, tokenizer, run_dir / "best")
             state.update(epoch=epoch + 1, batch_in_epoch=0, epoch_loss_sum=0.0, epoch_batches=0)
             save_checkpoint()
 

@@ -448,6 +448,13 @@ def train_part(cfg: DictConfig, part_dir: Path, updates: dict[str, Any]) -> dict
     return train(part_config(cfg, {**updates, **continued}), part_dir)
 
 
+def save_weights(model: torch.nn.Module, tokenizer, directory: Path) -> None:
+    """``model`` + ``tokenizer`` written atomically into ``directory`` (save_pretrained)."""
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
 def save_and_score(
     model: torch.nn.Module,
     tokenizer,
@@ -459,9 +466,7 @@ def save_and_score(
 ) -> dict[str, float]:
     """Write ``model`` + ``tokenizer`` atomically into ``directory`` and return the model's dev metrics (rounded):
     weights a training publishes in place of its best checkpoint (WiSE-FT, a model soup)."""
-    with atomic_directory(directory) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    save_weights(model, tokenizer, directory)
     return score_on_dev(model, tokenizer, dev_records, taxonomy, score_weights, batch_size)
 
 
@@ -652,9 +657,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     def save_best() -> None:
         if is_main:
-            with atomic_directory(run_dir / "best") as tmp:
-                published_weights().save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
+            save_weights(published_weights(), tokenizer, run_dir / "best")
 
     started = time.time()
     stop_after = t.get("stop_after_steps")
@@ -784,9 +787,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                     "class-weight bias removed from the intent head (logits - log w); "
                     + " ".join(f"dev_{k}={v:.4f}" for k, v in dev.items())
                 )
-            with atomic_directory(weights_dir) as tmp:
-                best.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
+            save_weights(best, tokenizer, weights_dir)
         publish_dir = cfg.trainer.get("publish_dir")
         finalize_model_dir(
             cfg, run_dir, taxonomy, splits, state, summary, publish_dir, weights_dir=weights_dir
